@@ -1,0 +1,9 @@
+"""tunesmith chat."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add these commands to the root app."""

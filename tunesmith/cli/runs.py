@@ -1,0 +1,9 @@
+"""tunesmith runs list|show."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add these commands to the root app."""

@@ -1,0 +1,1 @@
+"""Base models: the registry, conversion into the cache, loading, templates."""
