@@ -1,0 +1,294 @@
+"""The fast training step: no compute on padding, the output layer only where there is a label.
+
+A plain causal-LM step pads a batch to its longest example and projects every
+position onto the whole vocabulary. For chat fine-tuning both are mostly waste:
+padding is a quarter of a batch of mixed-length examples, and only the assistant
+tokens (a third or less of a chat) carry a label, while the vocabulary projection
+is the largest matmul of a small model (Gemma 3 270M's output layer costs more
+than all its transformer blocks).
+
+So a batch here is *packed*: its examples laid end to end in one row, position ids
+restarting at each example, and attention computed example by example
+(:func:`varlen_sdpa_attention`, the CPU counterpart of flash-attention's varlen
+kernel). The decoder's hidden states are then gathered at the labelled positions
+only, and the output layer plus cross-entropy runs on those rows in chunks
+(:func:`linear_cross_entropy`), computing the gradient on the way forward so the
+full logits never exist at once.
+
+Each piece gives the same loss as the plain padded path (tests/train/test_fast.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+VARLEN_ATTENTION = "tunesmith_varlen_sdpa"
+
+
+# --------------------------------------------------------------------------- packing
+
+
+@dataclass
+class PackedBatch:
+    """Several examples laid end to end in one row.
+
+    ``targets[t]`` is the token that position ``t`` must predict (already shifted,
+    within its own example), or ``IGNORE_INDEX``; ``cu_seqlens`` are the example
+    boundaries ``[0, len0, len0+len1, ...]`` as in flash-attention's varlen API.
+    """
+
+    input_ids: torch.Tensor  # [1, T] long
+    position_ids: torch.Tensor  # [1, T] long
+    targets: torch.Tensor  # [1, T] long
+    cu_seqlens: torch.Tensor  # [n + 1] int32
+    max_seqlen: int
+    num_tokens: int
+    num_targets: int
+
+    def to(self, device: torch.device | str) -> "PackedBatch":
+        """The same batch with its tensors on ``device``."""
+        return PackedBatch(self.input_ids.to(device), self.position_ids.to(device), self.targets.to(device),
+                           self.cu_seqlens.to(device), self.max_seqlen, self.num_tokens, self.num_targets)
+
+
+def pack_examples(examples: Sequence[tuple[Sequence[int], Sequence[int]]]) -> PackedBatch:
+    """Pack ``(input_ids, labels)`` pairs into one row (labels unshifted, ``-100`` where no loss).
+
+    Args:
+        examples: token ids and same-length labels per example, the transformers convention.
+
+    Returns:
+        a :class:`PackedBatch` whose targets never cross an example boundary.
+
+    Raises:
+        ValueError: no examples, an empty example, or labels of another length.
+    """
+    if not examples:
+        raise ValueError("cannot pack an empty batch")
+    ids: list[int] = []
+    positions: list[int] = []
+    targets: list[int] = []
+    bounds = [0]
+    for index, (input_ids, labels) in enumerate(examples):
+        n = len(input_ids)
+        if n == 0 or len(labels) != n:
+            raise ValueError(f"example {index}: {n} tokens and {len(labels)} labels")
+        ids.extend(input_ids)
+        positions.extend(range(n))
+        targets.extend(labels[1:])
+        targets.append(IGNORE_INDEX)  # the last token of an example predicts nothing
+        bounds.append(bounds[-1] + n)
+    target_tensor = torch.tensor([targets], dtype=torch.long)
+    return PackedBatch(
+        input_ids=torch.tensor([ids], dtype=torch.long),
+        position_ids=torch.tensor([positions], dtype=torch.long),
+        targets=target_tensor,
+        cu_seqlens=torch.tensor(bounds, dtype=torch.int32),
+        max_seqlen=max(b - a for a, b in zip(bounds, bounds[1:])),
+        num_tokens=len(ids),
+        num_targets=int((target_tensor != IGNORE_INDEX).sum()),
+    )
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
+                          scaling: float | None = None, sliding_window: int | None = None,
+                          cu_seq_lens_q: torch.Tensor | None = None, **kwargs):
+    """Causal attention computed separately for each packed example (transformers attention interface).
+
+    PyTorch has no variable-length attention kernel on the CPU; the packed-mask
+    alternative (transformers' block-diagonal mask over the whole row) computes
+    the full ``T x T`` scores and throws most away, and loses sdpa's causal fast
+    path. One causal sdpa call per example costs only ``sum(len_i^2)``.
+
+    Args:
+        query/key/value: ``[1, heads, T, head_dim]`` (keys may have fewer heads: GQA).
+        cu_seq_lens_q: example boundaries (from :class:`PackedBatch`); None means one sequence.
+        sliding_window: local-attention window of this layer (Gemma), if any.
+
+    Returns:
+        (``[1, T, heads, head_dim]`` output, None).
+    """
+    if attention_mask is not None:
+        raise ValueError("packed attention takes no attention mask: pass cu_seq_lens_q")
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        # repeat_kv instead of enable_gqa: the CPU flash kernel is faster on equal heads
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    total = query.shape[2]
+    bounds = [0, total] if cu_seq_lens_q is None else cu_seq_lens_q.tolist()
+    outputs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        q, k, v = query[:, :, start:end], key[:, :, start:end], value[:, :, start:end]
+        mask = _sliding_causal_mask(end - start, sliding_window, q.device)
+        outputs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                                      is_causal=mask is None, scale=scaling))
+    output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+    return output.transpose(1, 2).contiguous(), None
+
+
+def _sliding_causal_mask(length: int, window: int | None, device) -> torch.Tensor | None:
+    """None (plain causal) unless ``length`` exceeds the local-attention window."""
+    if window is None or length <= window:
+        return None
+    q = torch.arange(length, device=device)[:, None]
+    k = torch.arange(length, device=device)[None, :]
+    return (k <= q) & (k > q - window)
+
+
+def register_varlen_attention() -> str:
+    """Register :func:`varlen_sdpa_attention` with transformers (idempotent); returns its name."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(VARLEN_ATTENTION, varlen_sdpa_attention)
+    return VARLEN_ATTENTION
+
+
+@contextlib.contextmanager
+def packed_attention(model) -> Iterator[None]:
+    """Within the block, ``model`` attends example by example; its attention is restored after.
+
+    The model then creates no attention mask (transformers creates none for an
+    attention implementation without a mask function), so the block is for
+    packed training forwards only, never for generation with padding.
+    """
+    register_varlen_attention()
+    configs = _configs(model)
+    saved = [config._attn_implementation for config in configs]
+    for config in configs:
+        config._attn_implementation = VARLEN_ATTENTION
+    try:
+        yield
+    finally:
+        for config, value in zip(configs, saved):
+            config._attn_implementation = value
+
+
+def _configs(model) -> list:
+    """The config objects of ``model`` and its submodules (each layer may hold its own reference)."""
+    seen: dict[int, object] = {}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            seen.setdefault(id(config), config)
+    return list(seen.values())
+
+
+# --------------------------------------------------------------------------- loss
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Sum of cross-entropy of ``hidden @ weight.T`` against ``targets``, in chunks of rows.
+
+    The gradients are computed during the forward pass, chunk by chunk, so the
+    ``[rows, vocab]`` logits and their softmax never exist whole (the same trick as
+    Liger's fused linear cross-entropy); the backward only scales them.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_rows: int, softcap: float | None, compute_dtype):
+        weight_c = weight.to(compute_dtype)
+        grad_hidden = torch.empty_like(hidden, dtype=torch.float32) if hidden.requires_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk_rows):
+            h = hidden[start:start + chunk_rows].to(compute_dtype)
+            y = targets[start:start + chunk_rows]
+            logits = (h @ weight_c.T).float()
+            if softcap is not None:
+                capped = torch.tanh(logits / softcap)
+                logits = capped * softcap
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            if grad_hidden is None and grad_weight is None:
+                continue
+            grad_logits = torch.softmax(logits, dim=-1)  # d(sum CE)/d logits = softmax - onehot
+            grad_logits[torch.arange(y.shape[0], device=y.device), y] -= 1.0
+            if softcap is not None:
+                grad_logits *= 1.0 - capped * capped
+            grad_logits = grad_logits.to(compute_dtype)
+            if grad_hidden is not None:
+                grad_hidden[start:start + chunk_rows] = (grad_logits @ weight_c).float()
+            if grad_weight is not None:
+                grad_weight += (grad_logits.T @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        hidden_dtype, weight_dtype = ctx.dtypes
+        gh = None if grad_hidden is None else (grad_hidden * grad_output).to(hidden_dtype)
+        gw = None if grad_weight is None else (grad_weight * grad_output).to(weight_dtype)
+        return gh, gw, None, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                         chunk_rows: int = 1024, softcap: float | None = None) -> torch.Tensor:
+    """Mean cross-entropy of the logits ``hidden @ weight.T`` (rows x vocab), never all materialised.
+
+    Args:
+        hidden: ``[rows, d]`` hidden states at the labelled positions.
+        weight: ``[vocab, d]`` output-layer weight (tied embeddings included).
+        targets: ``[rows]`` token ids, none ignored.
+        chunk_rows: rows per chunk: memory is ``chunk_rows x vocab`` floats, twice.
+        softcap: final logit soft-capping (``tanh(x/c)*c``), as some Gemma models use.
+
+    Returns:
+        the scalar mean loss (fp32); under CPU/CUDA autocast the matmuls run in its dtype.
+    """
+    if hidden.shape[0] == 0:
+        return hidden.sum() * 0.0  # keeps the graph: no labelled token in this batch
+    compute_dtype = weight.dtype
+    if torch.is_autocast_enabled(hidden.device.type):
+        compute_dtype = torch.get_autocast_dtype(hidden.device.type)
+    with torch.autocast(hidden.device.type, enabled=False):
+        total = _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, softcap, compute_dtype)
+    return total / hidden.shape[0]
+
+
+def packed_loss(model, batch: PackedBatch, *, chunk_rows: int = 1024) -> torch.Tensor:
+    """Mean next-token loss of ``model`` on ``batch``, the output layer run on labelled rows only.
+
+    Works for a transformers causal LM or a PEFT model wrapping one; the model must
+    be inside :func:`packed_attention` (or the batch hold a single example).
+
+    Returns:
+        the scalar loss, equal to the padded path's ``model(..., labels=...).loss``.
+    """
+    decoder = model.get_decoder()
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise ValueError("an output layer with a bias is not supported by the packed loss")
+    boundaries = batch.cu_seqlens
+    hidden = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
+                     cu_seq_lens_q=boundaries, cu_seq_lens_k=boundaries,
+                     max_length_q=batch.max_seqlen, max_length_k=batch.max_seqlen).last_hidden_state
+    rows = (batch.targets[0] != IGNORE_INDEX).nonzero().squeeze(1)
+    config = model.config
+    softcap = getattr(getattr(config, "text_config", config), "final_logit_softcapping", None)
+    return linear_cross_entropy(hidden[0].index_select(0, rows), head.weight, batch.targets[0, rows],
+                                chunk_rows=chunk_rows, softcap=softcap)
+
+
+# --------------------------------------------------------------------------- precision and optimizer
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AMX or AVX512-BF16)."""
+    return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+
+
+def fast_adamw(params, *, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8):
+    """AdamW with the fused kernel (one pass over each tensor; CPU and CUDA since torch 2.4)."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, fused=True)
