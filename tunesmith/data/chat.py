@@ -1,0 +1,391 @@
+"""Render conversations with the model's chat template; token ids and loss masks.
+
+The single place where messages become text, shared by training
+(:func:`encode_messages`) and by inference, evaluation and the service
+(:func:`render_prompt`), so a model is asked in exactly the form it was taught.
+
+Tool use. The chat templates tunesmith uses have no tool support, so tools are
+rendered as text, deterministically:
+
+* an assistant ``tool_calls`` entry becomes, after the message's own text (and a
+  newline when there is text), one block per call::
+
+      <tool_call>
+      {"name": "get_weather", "arguments": {"city": "Paris"}}
+      </tool_call>
+
+  (blocks joined by a newline; ``arguments`` parsed and re-dumped compactly with
+  ``json.dumps(..., ensure_ascii=False)``, key order kept);
+* a ``tool`` message is a turn of role ``tool`` holding the result text;
+* the function schemas (``tools``) are appended to the system prompt as
+  :data:`TOOLS_PREAMBLE` + one JSON schema per line + ``</tools>``; with no
+  system message, a system message holding only that block is put first.
+
+:func:`parse_tool_calls` turns generated text back into OpenAI ``tool_calls``.
+
+Loss masks. The conversation is rendered to one string; the character span of
+every assistant message with weight 1 — its rendered content plus the
+end-of-turn token that closes it, never the turn header such as
+``<|im_start|>assistant\\n`` — is found by rendering the conversation turn by
+turn (the templates are prefix-stable: the text of the first k messages is a
+prefix of the whole; :class:`ChatRenderer` verifies this once per tokenizer);
+the string is then tokenized once, and a token is labelled when its first
+character lies inside a span.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import re
+import uuid
+import weakref
+from dataclasses import dataclass
+
+from tunesmith.errors import TunesmithError
+from tunesmith.models.templates import end_of_turn_token
+
+IGNORE_INDEX = -100  # the label PyTorch's cross-entropy skips
+TOOL_CALL_OPEN = "<tool_call>"
+TOOL_CALL_CLOSE = "</tool_call>"
+TOOLS_PREAMBLE = (
+    "You can call the functions below. To call one, answer with a <tool_call> block holding a JSON object "
+    'with its "name" and "arguments", one block per call:\n'
+    '<tool_call>\n{"name": "function_name", "arguments": {"argument": "value"}}\n</tool_call>\n'
+    "Functions:\n<tools>\n"
+)
+TOOLS_END = "</tools>"
+
+
+@dataclass
+class EncodedExample:
+    """Token ids and labels of one conversation.
+
+    Attributes:
+        input_ids: the rendered conversation's tokens (cut to ``max_length``).
+        labels: ``-100`` where no loss; the token id on assistant tokens of weight 1,
+            including the end-of-turn token that closes each such turn.
+        truncated_tokens: how many tokens ``max_length`` cut off (0 if none).
+    """
+
+    input_ids: list[int]
+    labels: list[int]
+    truncated_tokens: int = 0
+
+    @property
+    def trainable_tokens(self) -> int:
+        """How many tokens carry loss."""
+        return sum(1 for label in self.labels if label != IGNORE_INDEX)
+
+
+# --- messages → the messages the template sees ------------------------------------------------
+
+
+def drop_system(messages: list[dict]) -> list[dict]:
+    """The messages without system messages (training with ``--drop-system``)."""
+    return [m for m in messages if m.get("role") != "system"]
+
+
+def content_text(content) -> str:
+    """A message content as text: strings as they are, text parts joined, None as ""."""
+    if content is None:
+        return ""
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return str(content)
+
+
+def tool_call_text(call: dict) -> str:
+    """One ``<tool_call>`` block for an OpenAI tool call (arguments may be a JSON string or a dict)."""
+    function = call.get("function", call)
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        arguments = json.loads(arguments) if arguments.strip() else {}
+    body = json.dumps({"name": function.get("name"), "arguments": arguments if arguments is not None else {}},
+                      ensure_ascii=False)
+    return f"{TOOL_CALL_OPEN}\n{body}\n{TOOL_CALL_CLOSE}"
+
+
+def assistant_text(message: dict) -> str:
+    """The text of an assistant turn: its content, then its tool calls as ``<tool_call>`` blocks."""
+    text = content_text(message.get("content"))
+    calls = message.get("tool_calls") or []
+    if not calls:
+        return text
+    blocks = "\n".join(tool_call_text(call) for call in calls)
+    return f"{text}\n{blocks}" if text else blocks
+
+
+def tools_text(tools: list[dict]) -> str:
+    """The function schemas as the text appended to the system prompt."""
+    schemas = "\n".join(json.dumps(tool.get("function", tool), ensure_ascii=False) for tool in tools)
+    return f"{TOOLS_PREAMBLE}{schemas}\n{TOOLS_END}"
+
+
+def template_messages(messages: list[dict], tools: list[dict] | None = None) -> list[dict]:
+    """The messages as the chat template receives them: ``role`` and ``content`` strings only.
+
+    Tool calls and tool schemas become text (see the module docstring).
+    """
+    out = []
+    for message in messages:
+        role = message["role"]
+        text = assistant_text(message) if role == "assistant" else content_text(message.get("content"))
+        out.append({"role": role, "content": text})
+    if tools:
+        block = tools_text(tools)
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{block}" if out[0]["content"] else block}
+        else:
+            out.insert(0, {"role": "system", "content": block})
+    return out
+
+
+_TOOL_CALL_RE = re.compile(re.escape(TOOL_CALL_OPEN) + r"\s*(.*?)\s*" + re.escape(TOOL_CALL_CLOSE), re.S)
+
+
+def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
+    """Split generated assistant text into its content and OpenAI ``tool_calls``.
+
+    Blocks whose JSON does not parse are left in the content as text.
+
+    Returns:
+        (content without the parsed blocks, stripped; tool calls with ``arguments`` as JSON strings).
+    """
+    calls, kept, last = [], [], 0
+    for match in _TOOL_CALL_RE.finditer(text):
+        try:
+            body = json.loads(match.group(1))
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(body, dict) or not isinstance(body.get("name"), str):
+            continue
+        kept.append(text[last:match.start()])
+        last = match.end()
+        calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                      "function": {"name": body["name"],
+                                   "arguments": json.dumps(body.get("arguments", {}), ensure_ascii=False)}})
+    kept.append(text[last:])
+    return "".join(kept).strip(), calls
+
+
+# --- rendering and tokenizing ------------------------------------------------------------------
+
+
+def _weight(message: dict) -> int:
+    weight = message.get("weight")
+    return 1 if weight is None else int(weight)
+
+
+class TemplateError(TunesmithError):
+    """The chat template cannot render a conversation (or cannot be masked turn by turn)."""
+
+
+class ChatRenderer:
+    """A tokenizer's chat template, checked once, with fast rendering, spans and tokenizing.
+
+    Args:
+        tokenizer: a fast transformers tokenizer with a chat template
+            (``tunesmith.models.loading.load_tokenizer`` guarantees one).
+
+    Raises:
+        TunesmithError: no chat template, not a fast tokenizer, or a template whose
+            rendering is not prefix-stable (so loss masks could not be found reliably).
+    """
+
+    def __init__(self, tokenizer):
+        if not tokenizer.chat_template:
+            raise TunesmithError("the tokenizer has no chat template",
+                                 "load it with tunesmith.models.loading.load_tokenizer, which provides one")
+        if not getattr(tokenizer, "is_fast", False):
+            raise TunesmithError("tunesmith needs a fast (Rust) tokenizer to find loss masks",
+                                 "save the model with a tokenizer.json")
+        self.tokenizer = tokenizer
+        self.template = tokenizer.chat_template
+        self.backend = tokenizer.backend_tokenizer
+        vocab = set(tokenizer.get_vocab())
+        self.end_of_turn = end_of_turn_token(self.template, vocab, tokenizer.eos_token)
+        # the added tokens written by the template itself (turn markers): user text containing
+        # them would be read as markers, which `data check` warns about
+        self.markers = tuple(sorted(t for t in tokenizer.get_added_vocab() if t and t in self.template))
+        self._check_prefix_stable()
+
+    def render(self, messages: list[dict], *, generation_prompt: bool = False) -> str:
+        """Render template messages (from :func:`template_messages`) to text."""
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=generation_prompt)
+        except Exception as exc:  # jinja's TemplateError / raise_exception in a model's own template
+            raise TemplateError(f"the chat template cannot render this conversation: {exc}",
+                                "check the order of roles (some templates require user/assistant alternation)") from exc
+
+    def render_with_spans(self, messages: list[dict], tools: list[dict] | None = None
+                          ) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered conversation and the character spans that carry loss.
+
+        Returns:
+            (text, [(start, end), ...]) — one span per assistant message of weight 1,
+            covering its rendered content and the end-of-turn token after it.
+        """
+        shown = template_messages(messages, tools)
+        offset = len(shown) - len(messages)  # 1 when a tools-only system message was put first
+        full = self.render(shown)
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            j = i + offset
+            through = full if j == len(shown) - 1 else self.render(shown[: j + 1])
+            if not full.startswith(through):
+                raise self._unstable(f"the first {j + 1} messages do not render as a prefix of the whole")
+            target = shown[j]["content"] + self.end_of_turn
+            start = through.rfind(target)
+            if start < 0:
+                raise self._unstable("an assistant message does not appear verbatim followed by "
+                                     f"{self.end_of_turn}")
+            if _weight(message) == 1:
+                spans.append((start, start + len(target)))
+        return full, spans
+
+    def prompt(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        """The text a model is asked with: the messages plus the assistant generation header."""
+        return self.render(template_messages(messages, tools), generation_prompt=True)
+
+    def tokenize(self, texts: list[str]):
+        """Token encodings (ids + character offsets) of rendered texts, batched in Rust.
+
+        The text already holds the template's special tokens (BOS where the model
+        wants one), so none are added.
+        """
+        return self.backend.encode_batch(texts, add_special_tokens=False)
+
+    def _unstable(self, detail: str) -> TemplateError:
+        return TemplateError(f"the chat template of this model cannot be masked turn by turn: {detail}",
+                             "tunesmith needs a template that renders each message as its own turn "
+                             "(prefix-stable), such as the model's own ChatML or tunesmith's gemma-turns")
+
+    def _check_prefix_stable(self) -> None:
+        """Render probe conversations turn by turn; generation prompts must match training text."""
+        probes = [
+            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+             {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"},
+             {"role": "assistant", "content": "Goodbye."}],
+            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+             {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye."}],
+        ]
+        for probe in probes:
+            full = self.render(probe)
+            for j, message in enumerate(probe):
+                if message["role"] != "assistant":
+                    continue
+                asked = self.render(probe[:j], generation_prompt=True)
+                through = self.render(probe[: j + 1])
+                if not full.startswith(through):
+                    raise self._unstable(f"the first {j + 1} messages do not render as a prefix of the whole")
+                if not through.startswith(asked + message["content"] + self.end_of_turn):
+                    raise self._unstable("the generation prompt is not the text before an assistant answer")
+
+
+_RENDERERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def renderer_for(tokenizer) -> ChatRenderer:
+    """The (cached) :class:`ChatRenderer` of ``tokenizer``; rebuilt if its chat template changed."""
+    renderer = _RENDERERS.get(tokenizer)
+    if renderer is None or renderer.template != tokenizer.chat_template:
+        renderer = ChatRenderer(tokenizer)
+        _RENDERERS[tokenizer] = renderer
+    return renderer
+
+
+def labels_for(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """Labels: the token id where the token's first character lies in a span, else -100."""
+    labels = [IGNORE_INDEX] * len(ids)
+    starts = [start for start, _ in offsets]
+    for begin, end in spans:
+        k = bisect.bisect_left(starts, begin)
+        while k < len(ids) and starts[k] < end:
+            labels[k] = ids[k]
+            k += 1
+    return labels
+
+
+def encode_rendered(encoding, spans: list[tuple[int, int]], max_length: int | None) -> EncodedExample:
+    """An :class:`EncodedExample` from a tokenizer encoding and the loss spans of its text."""
+    ids = list(encoding.ids)
+    labels = labels_for(ids, encoding.offsets, spans)
+    cut = 0
+    if max_length is not None and len(ids) > max_length:
+        cut = len(ids) - max_length
+        ids, labels = ids[:max_length], labels[:max_length]
+    return EncodedExample(ids, labels, cut)
+
+
+def encode_messages(tokenizer, messages: list[dict], *, max_length: int | None = None,
+                    tools: list[dict] | None = None) -> EncodedExample:
+    """Token ids and loss labels of one conversation, rendered with the tokenizer's chat template.
+
+    Args:
+        tokenizer: a fast tokenizer with a chat template.
+        messages: normalised messages (see :class:`tunesmith.data.Example`).
+        max_length: cut the tokens to this many (the cut count is returned).
+        tools: function schemas offered in this conversation.
+
+    Raises:
+        TemplateError: the template cannot render the conversation.
+    """
+    renderer = renderer_for(tokenizer)
+    text, spans = renderer.render_with_spans(messages, tools)
+    return encode_rendered(renderer.tokenize([text])[0], spans, max_length)
+
+
+def encode_examples(tokenizer, examples, *, max_length: int | None = None, without_system: bool = False,
+                    batch_size: int = 512):
+    """Encode many examples, tokenizing in batches (fast for training sets).
+
+    Args:
+        tokenizer: a fast tokenizer with a chat template.
+        examples: :class:`tunesmith.data.Example` objects.
+        max_length: cut each example to this many tokens.
+        without_system: drop system messages first (training with ``--drop-system``).
+        batch_size: texts tokenized per Rust call.
+
+    Yields:
+        One :class:`EncodedExample` per example, in order.
+    """
+    renderer = renderer_for(tokenizer)
+    batch: list[tuple[str, list]] = []
+
+    def flush():
+        encodings = renderer.tokenize([text for text, _ in batch])
+        out = [encode_rendered(enc, spans, max_length) for enc, (_, spans) in zip(encodings, batch)]
+        batch.clear()
+        return out
+
+    for example in examples:
+        messages = drop_system(example.messages) if without_system else example.messages
+        batch.append(renderer.render_with_spans(messages, example.tools))
+        if len(batch) >= batch_size:
+            yield from flush()
+    if batch:
+        yield from flush()
+
+
+def render_prompt(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> str:
+    """The text a model is asked with for generation: ``messages`` plus the assistant header.
+
+    Rendered exactly as in training, so the tokens before an assistant answer are the same.
+
+    Raises:
+        TunesmithError: the last message is an assistant message (the answer to generate).
+    """
+    if messages and messages[-1].get("role") == "assistant":
+        raise TunesmithError("the prompt ends with an assistant message",
+                             "pass the messages before the answer the model should write")
+    return renderer_for(tokenizer).prompt(messages, tools)
+
+
+def encode_prompt(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    """Token ids of :func:`render_prompt`, tokenized exactly as in training."""
+    renderer = renderer_for(tokenizer)
+    return list(renderer.tokenize([render_prompt(tokenizer, messages, tools)])[0].ids)

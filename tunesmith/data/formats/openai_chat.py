@@ -1,0 +1,110 @@
+"""OpenAI chat format: ``{"messages": [{"role": …, "content": …}, …], "tools": [...]}``.
+
+The format of OpenAI's chat fine-tuning: roles system/user/assistant/tool,
+assistant ``tool_calls`` whose ``arguments`` are JSON strings, an optional
+``weight`` (0|1) on assistant messages, optional ``tools`` (function schemas).
+Content may be a string or a list of text parts, which are joined.
+"""
+
+from __future__ import annotations
+
+from tunesmith.data.formats.base import Normalised, check_weight, text_content
+from tunesmith.data.formats.conversation import ROLES, check_conversation, check_tool_calls, check_tools
+from tunesmith.data.problems import LineProblems, describe_type
+
+ROLE_FIX = "use system, user, assistant or tool"
+ASSISTANT_FIX = 'add the answer to learn: {"role": "assistant", "content": "…"}'
+
+
+class OpenAIChat:
+    name = "openai-chat"
+    title = "OpenAI chat"
+    example = '{"messages": [{"role": "user", "content": "…"}, {"role": "assistant", "content": "…"}]}'
+
+    def matches(self, record: dict) -> bool:
+        return "messages" in record
+
+    def normalise(self, record: dict, issues: LineProblems) -> Normalised | None:
+        before = issues.count
+        raw = record["messages"]
+        if not isinstance(raw, list):
+            issues.add("messages", f"must be an array of messages, got {describe_type(raw)}",
+                       'use "messages": [{"role": "user", "content": "…"}, …]')
+            return None
+        if not raw:
+            issues.add("messages", "is empty", "add at least a user message and an assistant message")
+            return None
+        messages = [normalise_message(m, f"messages[{i}]", issues) for i, m in enumerate(raw)]
+        tools = check_tools(record["tools"], "tools", issues) if record.get("tools") is not None else None
+        if issues.count > before:
+            return None
+        if not check_conversation(messages, [f"messages[{i}]" for i in range(len(messages))], "messages",
+                                  issues, assistant_fix=ASSISTANT_FIX):
+            return None
+        return Normalised(messages, tools)
+
+
+def normalise_message(raw, path: str, issues: LineProblems) -> dict | None:
+    """One OpenAI chat message, checked field by field; None if it has problems."""
+    if not isinstance(raw, dict):
+        issues.add(path, f"a message must be an object, got {describe_type(raw)}",
+                   'use {"role": "user", "content": "…"}')
+        return None
+    before = issues.count
+    role = raw.get("role")
+    if role is None:
+        issues.add(f"{path}.role", "missing", ROLE_FIX)
+        return None
+    if role not in ROLES:
+        shown = f'"{role}"' if isinstance(role, str) else describe_type(role)
+        issues.add(f"{path}.role", f"unknown role {shown}", ROLE_FIX)
+        return None
+    message: dict = {"role": role}
+    calls = None
+    if raw.get("tool_calls") is not None:
+        if role == "assistant":
+            calls = check_tool_calls(raw["tool_calls"], f"{path}.tool_calls", issues)
+        else:
+            issues.add(f"{path}.tool_calls", f"only assistant messages make tool calls, this one is {role}",
+                       "move the tool_calls to an assistant message")
+    content = raw.get("content")
+    if content is None:
+        if role != "assistant" or raw.get("tool_calls") is None:
+            issues.add(f"{path}.content", "missing", f'give the {role} message its text: "content": "…"')
+        text = ""
+    else:
+        text = text_content(content, f"{path}.content", issues)
+    if role == "assistant" and text == "" and raw.get("tool_calls") is None:
+        issues.add(f"{path}.content", "the assistant message is empty",
+                   "give it the answer to learn, or remove the message")
+    if "weight" in raw:
+        if role != "assistant":
+            issues.add(f"{path}.weight", f"weight is only allowed on assistant messages, this one is {role}",
+                       "remove it")
+        else:
+            weight = check_weight(raw["weight"], f"{path}.weight", issues)
+            message["weight"] = weight
+    _copy_strings(raw, message, path, issues, ("name", "tool_call_id") if role == "tool" else ("name",))
+    if issues.count > before:
+        return None
+    message["content"] = text
+    if calls:
+        message["tool_calls"] = calls
+    return _ordered(message)
+
+
+def _copy_strings(raw: dict, message: dict, path: str, issues: LineProblems, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        value = raw.get(key)
+        if value is None:
+            continue
+        if isinstance(value, str):
+            message[key] = value
+        else:
+            issues.add(f"{path}.{key}", f"must be a string, got {describe_type(value)}", "write it as a string")
+
+
+def _ordered(message: dict) -> dict:
+    """role and content first, for readable converted files."""
+    head = {"role": message["role"], "content": message["content"]}
+    return {**head, **{k: v for k, v in message.items() if k not in head}}
