@@ -92,8 +92,7 @@ class TrainConfig:
         from tunesmith.train.methods import METHODS
 
         problems: list[str] = []
-        if not isinstance(self.model, str) or not self.model.strip():
-            problems.append("model: required (a model name, a model folder, a .gguf file or a finished run)")
+        problems += _model_problems(self.model)
         problems += _file_problems("data", self.data, required=True)
         problems += _file_problems("validation", self.validation, required=False)
         if self.method not in METHODS:
@@ -210,3 +209,34 @@ def _device_problems(value: Any) -> list[str]:
     if device.type not in ("cpu", "cuda", "mps", "xpu"):
         return [f"device: {value!r} is not supported (use cpu or cuda)"]
     return []
+
+
+def _model_problems(value: Any) -> list[str]:
+    """Cheap checks of ``model``: a known name, an existing model folder or .gguf file, or a finished run."""
+    from tunesmith.models.registry import REGISTRY
+    from tunesmith.train.runs import SUCCEEDED, find_run_dir, read_manifest
+
+    if not isinstance(value, str) or not value.strip():
+        return ["model: required (a model name, a model folder, a .gguf file or a finished run)"]
+    if value in REGISTRY:
+        return []
+    run_dir = find_run_dir(value)
+    if run_dir is not None:
+        try:
+            status = read_manifest(run_dir).get("status")
+        except Exception as exc:  # a damaged manifest: say so here, with the rest
+            return [f"model: {value}: {exc}"]
+        if status != SUCCEEDED:
+            return [f"model: run {run_dir.name} never finished (status: {status}); resume it before "
+                    "fine-tuning it further"]
+        return []
+    path = Path(value).expanduser()
+    if path.is_dir():
+        return [] if (path / "config.json").is_file() else [
+            f"model: {path} is neither a model folder (no config.json) nor a tunesmith run (no manifest.json)"]
+    if path.suffix == ".gguf":
+        return [] if path.is_file() else [f"model: GGUF file {path} does not exist"]
+    if path.exists():
+        return [f"model: {path} is a file, not a model folder or a .gguf file"]
+    known = ", ".join(sorted(REGISTRY))
+    return [f"model: {value!r} is not a known model ({known}), a model folder, a .gguf file or a run name"]

@@ -162,7 +162,7 @@ class _Session:
         resolved = resolve_hyperparameters(config, method, model, training, device, source,
                                            pad_token_id=tokenizer.pad_token_id)
         self.say("resolved hyperparameters: " + ", ".join(f"{k}={v}" for k, v in _shown(resolved).items()),
-                 resolved)
+                 {"resolved": resolved})
         # 6. Optimizer and schedule over the trainable weights only.
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = _optimizer(trainable, resolved["learning_rate"], device)

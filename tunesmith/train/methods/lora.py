@@ -7,6 +7,7 @@ this method; DoRA (``dora.py``) is the same family with ``use_dora``.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -58,22 +59,25 @@ class LoraFamily:
     def prepare(self, model, config, *, continue_adapter: Path | None):
         from peft import LoraConfig, PeftModel, get_peft_model
 
-        if continue_adapter is not None:
-            return PeftModel.from_pretrained(model, str(continue_adapter), is_trainable=True)
-        lora = LoraConfig(
-            task_type="CAUSAL_LM",
-            r=config.lora_r,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=config.lora_dropout,
-            target_modules=config.target_modules,
-            use_rslora=config.use_rslora,
-            use_dora=self.use_dora,
-        )
-        try:
-            return get_peft_model(model, lora)
-        except ValueError as exc:
-            raise ConfigError([f"target_modules: {exc}"],
-                              "use 'all-linear' or names of linear layers in this model") from exc
+        with warnings.catch_warnings():
+            # peft calls a transformers helper that transformers 5 marks deprecated; not ours to fix
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+            if continue_adapter is not None:
+                return PeftModel.from_pretrained(model, str(continue_adapter), is_trainable=True)
+            lora = LoraConfig(
+                task_type="CAUSAL_LM",
+                r=config.lora_r,
+                lora_alpha=config.lora_alpha,
+                lora_dropout=config.lora_dropout,
+                target_modules=config.target_modules,
+                use_rslora=config.use_rslora,
+                use_dora=self.use_dora,
+            )
+            try:
+                return get_peft_model(model, lora)
+            except ValueError as exc:
+                raise ConfigError([f"target_modules: {exc}"],
+                                  "use 'all-linear' or names of linear layers in this model") from exc
 
     def save_weights(self, model, folder: Path) -> None:
         model.save_pretrained(folder, safe_serialization=True)
