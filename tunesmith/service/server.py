@@ -1,0 +1,94 @@
+"""``tunesmith serve``: the API in this process, N workers as supervised child processes.
+
+A worker that dies (crash, SIGKILL, out of memory) is started again; the new one
+finds the job the old one held and resumes it from its last checkpoint. The
+workers die with the server even when it is SIGKILLed (see ``lifeline``), and
+on a normal stop they checkpoint their jobs and queue them again.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from tunesmith.service.context import ServiceContext
+from tunesmith.service.lifeline import child_env
+
+log = logging.getLogger("tunesmith.service.server")
+
+RESTART_DELAY_S = 1.0
+
+
+class WorkerPool:
+    """Keeps ``count`` worker processes alive."""
+
+    def __init__(self, count: int, grace_s: float):
+        self.count, self.grace_s = count, grace_s
+        self.processes: list[subprocess.Popen] = []
+        self.restarts = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the workers and a thread that restarts any that exit."""
+        if self.count == 0:
+            return
+        # The supervising thread spawns every worker: PR_SET_PDEATHSIG fires when the thread that
+        # created a child ends, so one long-lived thread owns them all.
+        self._thread = threading.Thread(target=self._supervise, name="tunesmith-workers", daemon=True)
+        self._thread.start()
+
+    def _spawn(self) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "tunesmith.service.worker"], env=child_env())
+
+    def _supervise(self) -> None:
+        self.processes = [self._spawn() for _ in range(self.count)]
+        log.info("started %d worker(s): pids %s", self.count, [p.pid for p in self.processes])
+        while not self._stop.wait(0.5):
+            for index, process in enumerate(self.processes):
+                code = process.poll()
+                if code is not None and not self._stop.is_set():
+                    log.warning("worker pid %d exited with %s; starting another", process.pid, code)
+                    time.sleep(RESTART_DELAY_S)
+                    self.processes[index] = self._spawn()
+                    self.restarts += 1
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)  # the worker checkpoints its job and queues it again
+        deadline = time.monotonic() + self.grace_s
+        for process in self.processes:
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+    def stop(self) -> None:
+        """Stop the workers (they checkpoint running jobs) and wait for them."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+def serve(host: str, port: int, workers: int, log_level: str = "info") -> None:
+    """Run the API with ``workers`` worker processes until interrupted."""
+    import uvicorn
+
+    from tunesmith.service.app import create_app
+
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    ctx = ServiceContext.from_env()
+    app = create_app(ctx)
+    pool = WorkerPool(workers, ctx.settings.pause_grace_s)
+    pool.start()
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    finally:
+        pool.stop()
