@@ -43,21 +43,30 @@ def check(
         report = check_file(file, model=model, max_length=max_length)
         print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
     else:
-        with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), TimeElapsedColumn(),
-                      console=console, transient=True) as bar:
-            task = bar.add_task(f"checking {file}", total=None)
-            report = check_file(file, model=model, max_length=max_length,
-                                progress=lambda n: bar.update(task, description=f"checking {file}: {n:,} examples"))
+        report = _check_with_progress(file, model, max_length)
         print_report(report)
     if not report.ok:
         raise SystemExit(1)  # the root app runs click with standalone_mode=False, which drops typer.Exit codes
+
+
+def _check_with_progress(file: Path, model: str, max_length: int | None):
+    """check_file with a live count of examples on a terminal (plain otherwise, for logs and pipes)."""
+    from tunesmith.data.check import check_file
+
+    if not console.is_terminal:
+        return check_file(file, model=model, max_length=max_length)
+    with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task(f"checking {file}", total=None)
+        return check_file(file, model=model, max_length=max_length,
+                          progress=lambda n: bar.update(task, description=f"checking {file}: {n:,} examples"))
 
 
 def print_report(report) -> None:
     """Render a :class:`tunesmith.data.DataReport` for people."""
     fmt = report.format or "unknown format"
     console.print(f"[bold]{report.file}[/]: {report.examples:,} examples, {fmt}; "
-                  f"model {report.model} (chat template: {report.template})", highlight=False)
+                  f"model {report.model} (chat template: {report.template})", highlight=False, soft_wrap=True)
     if report.stats:
         console.print(_stats_table(report.stats))
     for warning in report.warnings:

@@ -207,7 +207,8 @@ class ChatRenderer:
         self.end_of_turn = end_of_turn_token(self.template, vocab, tokenizer.eos_token)
         # the added tokens written by the template itself (turn markers): user text containing
         # them would be read as markers, which `data check` warns about
-        self.markers = tuple(sorted(t for t in tokenizer.get_added_vocab() if t and t in self.template))
+        self.markers = tuple(sorted(t.content for t in tokenizer.added_tokens_decoder.values()
+                                    if t.special and t.content.strip() and t.content in self.template))
         self._check_prefix_stable()
 
     def render(self, messages: list[dict], *, generation_prompt: bool = False) -> str:
