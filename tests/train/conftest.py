@@ -1,49 +1,42 @@
-"""Fixtures for the training tests: small generated datasets and a quick-training config."""
+"""Fixtures for the training tests: generated datasets and runs trained once per session.
+
+Runs are shared by the tests that only read them, so the training suite trains a
+handful of tiny runs.
+"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
-
-from tunesmith.train.config import TrainConfig
-
-WORDS = ["amber", "birch", "cedar", "delta", "ember", "fjord", "grove", "heron", "iris", "jade",
-         "kelp", "lumen", "maple", "north", "opal", "pine"]
+from trainhelpers import code_book_examples, quick_config, write_jsonl
 
 
-def code_book_examples(n: int, *, offset: int = 0, system: str = "Answer with the code word.") -> list[dict]:
-    """A tiny invented code book: each word maps to its reverse, upper-cased."""
-    examples = []
-    for i in range(n):
-        word = WORDS[(i + offset) % len(WORDS)] + str((i + offset) // len(WORDS) or "")
-        examples.append({"messages": [
-            {"role": "system", "content": system},
-            {"role": "user", "content": f"code for {word}"},
-            {"role": "assistant", "content": word[::-1].upper()},
-        ]})
-    return examples
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """train.jsonl (12 examples), valid.jsonl (4), more.jsonl (12 new ones for continued training)."""
+    folder = tmp_path_factory.mktemp("train-data")
+    write_jsonl(folder / "train.jsonl", code_book_examples(12))
+    write_jsonl(folder / "valid.jsonl", code_book_examples(4, offset=12))
+    write_jsonl(folder / "more.jsonl", code_book_examples(12, offset=20, system="Answer with the code word."))
+    return folder
 
 
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return path
+@pytest.fixture(scope="session")
+def trained(tiny_model_path, data_dir, tmp_path_factory):
+    """``trained(method)`` → (config, result, events) of one uninterrupted run, trained once per session."""
+    from tunesmith.train.recipe import train
 
+    root = tmp_path_factory.mktemp("runs")
+    cache: dict[str, tuple] = {}
 
-@pytest.fixture
-def train_file(tmp_path) -> Path:
-    return write_jsonl(tmp_path / "train.jsonl", code_book_examples(12))
+    def get(method: str):
+        if method not in cache:
+            config = quick_config(tiny_model_path, data_dir / "train.jsonl", root / method, method=method,
+                                  validation=str(data_dir / "valid.jsonl"))
+            events: list = []
+            result = train(config, on_event=events.append)
+            cache[method] = (config, result, events)
+        return cache[method]
 
-
-@pytest.fixture
-def valid_file(tmp_path) -> Path:
-    return write_jsonl(tmp_path / "valid.jsonl", code_book_examples(4, offset=12))
-
-
-def quick_config(model, data, out, **overrides) -> TrainConfig:
-    """A config that trains the tiny model for a few steps, fast and deterministic."""
-    settings = dict(model=str(model), data=str(data), out=str(out), epochs=2, batch_size=4,
-                    learning_rate_multiplier=20.0, max_length=64, seed=7, device="cpu", warmup_ratio=0.0)
-    settings.update(overrides)
-    return TrainConfig(**settings)
+    return get
