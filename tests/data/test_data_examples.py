@@ -62,6 +62,10 @@ MALFORMED = [
     ('{"messages": [', "not valid JSON"),
     ("[1, 2]", "the line is an array, not a JSON object"),
     ('"just a string"', "the line is a string, not a JSON object"),
+    ("null", "the line is null, not a JSON object"),
+    ('{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}", "JSON nested too deeply to read"),
+    ('{"messages": [{"role": "user", "content": "\\ud800"}, {"role": "assistant", "content": "a"}]}',
+     "a string holds a lone UTF-16 surrogate escape"),
 ]
 
 
@@ -239,6 +243,12 @@ def test_json_array_errors(write):
     assert problems[0].startswith("t.json:5: [3]: not valid JSON")
 
 
+def test_a_pretty_printed_object_is_one_problem_not_one_per_line(write):
+    problems = problems_of(write("t.json", json.dumps(chat_record(1), indent=2)), name="t.json")
+    assert problems == ["t.json:1: the file is one JSON object spread over several lines, not JSONL — put one "
+                        "example per line (JSONL), or put the examples in a JSON array [{…}, {…}]"]
+
+
 def test_csv_prompt_completion(write):
     rows = ["Prompt,Completion"] + [f'"Say ""{i}""","{i}, ok"' for i in range(9)] + ['"multi\nline",done']
     examples = load_examples(write("t.csv", "\r\n".join(rows) + "\r\n"))
@@ -252,10 +262,19 @@ def test_csv_errors(write):
     rows[5] = "q,a,extra"
     rows[8] = "q,"
     problems = problems_of(write("t.csv", "\n".join(rows)), name="t.csv")
-    assert problems[0] == "t.csv:6: the row has 3 fields but the header has 2 — quote fields that contain commas or line breaks"
+    assert problems[0] == ("t.csv:6: the row has 3 fields but the header has 2 — quote fields that contain the "
+                           "delimiter or line breaks")
     assert problems[1].startswith("t.csv:9: completion: is empty")
     problems = problems_of(write("t.csv", "question,answer\n" + "q,a\n" * 12), name="t.csv")
-    assert problems[0].startswith("t.csv:2: not a training example in a known format (its keys: answer, question)")
+    assert problems == ["t.csv:1: the CSV header names no known columns (question, answer) — start the file with a "
+                        "header row naming the columns: prompt,completion (or instruction,input,output)"]
+
+
+def test_csv_with_semicolons_and_alpaca_columns(write):
+    rows = ["\ufeffinstruction;input;output", ""] + [f"Double;{i};{2 * i}" for i in range(10)]
+    examples = load_examples(write("t.csv", "\n".join(rows)))
+    assert examples[0].line == 3
+    assert examples[1].messages == [{"role": "user", "content": "Double\n\n1"}, {"role": "assistant", "content": "2"}]
 
 
 def test_example_round_trips_as_a_record():

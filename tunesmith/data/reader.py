@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import codecs
 import csv
+import itertools
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -119,22 +121,83 @@ def _physical_lines(path: Path) -> Iterator[tuple[int, bytes]]:
             yield number, raw.rstrip(b"\r\n")
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+SURROGATE_PROBLEM = "a string holds a lone UTF-16 surrogate escape (like \\ud800), not text"
+SURROGATE_FIX = "write characters as UTF-8 or as complete \\u escape pairs"
+
+
+def parse_json(text: str, line: int, problems: Problems, fix: str, field_path: str | None = None):
+    """``json.loads`` that reports instead of raising; returns ``_INVALID`` on failure.
+
+    Also refused: nesting too deep for the parser, and lone UTF-16 surrogates
+    (``"\\ud800"``), which are not text and cannot be tokenized or written as UTF-8.
+    """
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        problems.add(line, field_path, f"not valid JSON ({exc.msg} at column {exc.colno})", fix)
+        return _INVALID
+    except RecursionError:
+        problems.add(line, field_path, "JSON nested too deeply to read", fix)
+        return _INVALID
+    if _SURROGATE_ESCAPE.search(text) and not _encodable(value):
+        problems.add(line, field_path, SURROGATE_PROBLEM, SURROGATE_FIX)
+        return _INVALID
+    return value
+
+
+_INVALID = object()
+
+
+def _encodable(value) -> bool:
+    """Whether every string in a JSON value can be encoded as UTF-8."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
+
+
 def _read_jsonl(path: Path, problems: Problems) -> Iterator[Record]:
+    first = True
     for number, raw in _physical_lines(path):
         if not raw.strip():
             continue
         text = _decode_line(raw, number, problems)
         if text is None:
             continue
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as exc:
-            problems.add(number, None, f"not valid JSON ({exc.msg} at column {exc.colno})", JSONL_FIX)
+        if first and _is_one_multiline_object(path, text):
+            problems.add(1, None, "the file is one JSON object spread over several lines, not JSONL",
+                         "put one example per line (JSONL), or put the examples in a JSON array [{…}, {…}]")
+            return
+        first = False
+        value = parse_json(text, number, problems, JSONL_FIX)
+        if value is _INVALID:
             continue
         if not isinstance(value, dict):
             problems.add(number, None, f"the line is {describe_type(value)}, not a JSON object", JSONL_FIX)
             continue
         yield Record(number, value)
+
+
+def _is_one_multiline_object(path: Path, first_line: str) -> bool:
+    """A pretty-printed single object (``{`` alone on line 1): one problem, not one per line."""
+    if first_line.strip() not in ("{", '{"') and not first_line.rstrip().endswith((",", "[", "{")):
+        return False
+    try:
+        json.loads(path.read_bytes().decode("utf-8-sig"))
+    except (ValueError, RecursionError):  # not one JSON document: report line by line
+        return False
+    return True
 
 
 def _read_json_array(path: Path, problems: Problems) -> Iterator[Record]:
@@ -143,53 +206,62 @@ def _read_json_array(path: Path, problems: Problems) -> Iterator[Record]:
     A JSON array cannot be streamed with the standard library, so the text is held
     in memory; JSONL is the format for large files.
     """
-    raw = path.read_bytes()
-    if raw.startswith(codecs.BOM_UTF8):
-        raw = raw[len(codecs.BOM_UTF8):]
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
-        problems.add(line, None, f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {column})", UTF8_FIX)
+    array_fix = "the file must be one JSON array of objects: [{…}, {…}]"
+    text = _decode_whole(path, problems)
+    if text is None:
         return
     decoder = json.JSONDecoder()
-    pos = _skip_space(text, 0)
-    pos += 1  # the "[" that made this a JSON array
-    index = 0
-    line, counted = 1, 0
+    pos = _skip_space(text, 0) + 1  # past the "[" that made this a JSON array
+    index, line, counted = 0, 1, 0
     while True:
         pos = _skip_space(text, pos)
-        if pos < len(text) and text[pos] == "]" and index == 0:
+        if index == 0 and text.startswith("]", pos):
             break
         line += text.count("\n", counted, pos)
         counted = pos
         try:
             value, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as exc:
-            problems.add(exc.lineno, f"[{index}]", f"not valid JSON ({exc.msg} at column {exc.colno})",
-                         "the file must be one JSON array of objects: [{…}, {…}]")
+            problems.add(exc.lineno, f"[{index}]", f"not valid JSON ({exc.msg} at column {exc.colno})", array_fix)
             return
-        if isinstance(value, dict):
+        except RecursionError:
+            problems.add(line, f"[{index}]", "JSON nested too deeply to read", array_fix)
+            return
+        if _SURROGATE_ESCAPE.search(text, pos, end) and not _encodable(value):
+            problems.add(line, f"[{index}]", SURROGATE_PROBLEM, SURROGATE_FIX)
+        elif isinstance(value, dict):
             yield Record(line, value, prefix=f"[{index}].")
         else:
             problems.add(line, f"[{index}]", f"the element is {describe_type(value)}, not a JSON object",
                          "each element of the array must be one example object")
         index += 1
         pos = _skip_space(text, end)
-        if pos < len(text) and text[pos] == ",":
+        if text.startswith(",", pos):
             pos += 1
-            continue
-        if pos < len(text) and text[pos] == "]":
+        elif text.startswith("]", pos):
             break
-        where = text.count("\n", 0, pos) + 1
-        problems.add(where, None, "expected ',' or ']' after an element of the JSON array",
-                     "the file must be one JSON array of objects: [{…}, {…}]")
-        return
+        else:
+            problems.add(text.count("\n", 0, pos) + 1, None, "expected ',' or ']' after an element of the "
+                         "JSON array", array_fix)
+            return
     rest = _skip_space(text, pos + 1)
     if rest < len(text):
         problems.add(text.count("\n", 0, rest) + 1, None, "extra text after the closing ']' of the JSON array",
                      "remove it, or use JSONL (one object per line)")
+
+
+def _decode_whole(path: Path, problems: Problems) -> str | None:
+    """The whole file as text (BOM removed), or None with a problem at the line of the first bad byte."""
+    raw = path.read_bytes()
+    if raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        problems.add(line, None, f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {column})", UTF8_FIX)
+        return None
 
 
 def _skip_space(text: str, pos: int) -> int:
@@ -198,8 +270,16 @@ def _skip_space(text: str, pos: int) -> int:
     return pos
 
 
+CSV_FIX = "start the file with a header row naming the columns: prompt,completion (or instruction,input,output)"
+
+
 def _read_csv(path: Path, problems: Problems) -> Iterator[Record]:
-    """CSV rows as {column: value} records; the header names the columns (case-insensitive)."""
+    """CSV rows as {column: value} records; the header names the columns (case-insensitive).
+
+    The delimiter is a comma, or the semicolon / tab / bar the header uses instead.
+    """
+    from tunesmith.data.formats import detect
+
     current = [0]
 
     def lines() -> Iterator[str]:
@@ -208,27 +288,28 @@ def _read_csv(path: Path, problems: Problems) -> Iterator[Record]:
             text = _decode_line(raw, number, problems)
             yield (text if text is not None else "") + "\n"
 
-    reader = csv.reader(lines())
+    source = lines()
+    first = next((text for text in source if text.strip()), None)
+    if first is None:
+        problems.add(1, None, "the CSV file has no header row", CSV_FIX)
+        return
+    header_line = current[0]
+    delimiter = next((d for d in ",;\t|" if d in first), ",")
+    reader = csv.reader(itertools.chain([first], source), delimiter=delimiter)
     try:
-        header = next(reader, None)
-        if header is None:
-            problems.add(1, None, "the CSV file has no header row", "start with a header: prompt,completion")
+        columns = [name.strip().lower() for name in next(reader)]
+        if detect(dict.fromkeys(columns, "")) is None:
+            problems.add(header_line, None, f"the CSV header names no known columns ({', '.join(columns)})", CSV_FIX)
             return
-        columns = [name.strip().lower() for name in header]
-        while True:
-            try:
-                row = next(reader)
-            except StopIteration:
-                return
+        for row in reader:
             if not any(cell.strip() for cell in row):
                 continue
             # a quoted field may span lines: the row started that many lines before the last one read
             line = current[0] - sum(cell.count("\n") for cell in row)
             if len(row) != len(columns):
                 problems.add(line, None, f"the row has {len(row)} fields but the header has {len(columns)}",
-                             "quote fields that contain commas or line breaks")
+                             "quote fields that contain the delimiter or line breaks")
                 continue
             yield Record(line, dict(zip(columns, row)))
     except csv.Error as exc:
         problems.add(current[0], None, f"unreadable CSV ({exc})", "check the quoting of this row")
-
