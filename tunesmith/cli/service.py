@@ -57,7 +57,7 @@ def _engine():
 
 
 def _when(stamp: int | None) -> str:
-    return datetime.fromtimestamp(stamp, tz=timezone.utc).strftime("%Y-%m-%d %H:%M UTC") if stamp else "-"
+    return datetime.fromtimestamp(stamp, tz=timezone.utc).strftime("%Y-%m-%d") if stamp else "-"
 
 
 @keys_app.command("create")
@@ -81,7 +81,7 @@ def keys_list(project: Optional[str] = typer.Option(None, "--project", "-p", hel
 
     table = Table(title="API keys")
     for column in ("id", "project", "name", "key", "created", "revoked"):
-        table.add_column(column, overflow="fold")
+        table.add_column(column, no_wrap=column in ("id", "key"), overflow="fold")
     for key in list_keys(_engine(), project):
         table.add_row(key.id, key.project, key.name or "", key.redacted, _when(key.created_at),
                       _when(key.revoked_at) if key.revoked_at else "")

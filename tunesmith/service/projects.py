@@ -78,7 +78,7 @@ def create_key(engine: Engine, project: str, name: str | None = None) -> tuple[s
     redacted = f"{secret[:6]}…{secret[-4:]}"
     with engine.begin() as conn:
         found = ensure_project(conn, project)
-        key_id = new_id("key")
+        key_id = new_id("key", 12)
         created = db.now()
         conn.execute(insert(db.api_keys).values(id=key_id, project_id=found.id, name=name,
                                                 key_hash=hash_key(secret), redacted=redacted,
