@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import shutil
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -83,7 +84,10 @@ def merge_adapter(base_ref: str, adapter: Path):
 
     base = load_causal_lm(resolve_model(base_ref).path, device=torch.device("cpu"), dtype=torch.float32)
     try:
-        return PeftModel.from_pretrained(base, str(adapter)).merge_and_unload(safe_merge=True)
+        with warnings.catch_warnings():
+            # peft calls a helper that transformers 5 marks deprecated; not ours to fix
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+            return PeftModel.from_pretrained(base, str(adapter)).merge_and_unload(safe_merge=True)
     except ValueError as exc:  # peft raises ValueError when a merged weight is not finite
         raise TunesmithError(f"merging the adapter in {adapter} gives broken weights: {exc}",
                              "the adapter holds NaN/Inf values; train it again with a lower learning rate"

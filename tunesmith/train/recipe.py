@@ -15,6 +15,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -470,7 +471,9 @@ def _load_model(source: ModelSource, method, device: torch.device):
     if source.merge_adapter is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(source.merge_adapter)).merge_and_unload(safe_merge=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft vs transformers 5
+            model = PeftModel.from_pretrained(model, str(source.merge_adapter)).merge_and_unload(safe_merge=True)
     model.config.use_cache = False
     return model
 
