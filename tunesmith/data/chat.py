@@ -209,16 +209,52 @@ class ChatRenderer:
         # them would be read as markers, which `data check` warns about
         self.markers = tuple(sorted(t.content for t in tokenizer.added_tokens_decoder.values()
                                     if t.special and t.content.strip() and t.content in self.template))
+        self._compiled = None
+        self._template_kwargs = dict(tokenizer.special_tokens_map)
+        self._compiled = self._fast_template()
         self._check_prefix_stable()
 
     def render(self, messages: list[dict], *, generation_prompt: bool = False) -> str:
         """Render template messages (from :func:`template_messages`) to text."""
         try:
+            if self._compiled is not None:
+                return self._compiled.render(messages=messages, tools=None, documents=None,
+                                             add_generation_prompt=generation_prompt, **self._template_kwargs)
             return self.tokenizer.apply_chat_template(messages, tokenize=False,
                                                       add_generation_prompt=generation_prompt)
         except Exception as exc:  # jinja's TemplateError / raise_exception in a model's own template
             raise TemplateError(f"the chat template cannot render this conversation: {exc}",
                                 "check the order of roles (some templates require user/assistant alternation)") from exc
+
+    def _fast_template(self):
+        """The template compiled by transformers, called directly, when it renders exactly as
+        ``apply_chat_template`` does.
+
+        Why: ``apply_chat_template`` deep-copies and sanitises every conversation first,
+        which is half the cost of ``data check``; the messages here are already plain
+        string dicts, so that step changes nothing. Verified on probe conversations;
+        any difference (or a transformers without the helper) keeps the public path.
+        """
+        try:
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+
+            compiled = _compile_jinja_template(self.template)
+        except Exception:
+            return None
+        self._compiled, public = compiled, None
+        try:
+            for probe in _PROBES:
+                for k in range(1, len(probe) + 1):
+                    for generation_prompt in (False, True):
+                        public = self.tokenizer.apply_chat_template(probe[:k], tokenize=False,
+                                                                    add_generation_prompt=generation_prompt)
+                        if self.render(probe[:k], generation_prompt=generation_prompt) != public:
+                            return None
+        except Exception:
+            return None
+        finally:
+            self._compiled = None
+        return compiled
 
     def render_with_spans(self, messages: list[dict], tools: list[dict] | None = None
                           ) -> tuple[str, list[tuple[int, int]]]:
@@ -267,14 +303,7 @@ class ChatRenderer:
 
     def _check_prefix_stable(self) -> None:
         """Render probe conversations turn by turn; generation prompts must match training text."""
-        probes = [
-            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-             {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"},
-             {"role": "assistant", "content": "Goodbye."}],
-            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
-             {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye."}],
-        ]
-        for probe in probes:
+        for probe in _PROBES:
             full = self.render(probe)
             for j, message in enumerate(probe):
                 if message["role"] != "assistant":
@@ -287,6 +316,14 @@ class ChatRenderer:
                     raise self._unstable("the generation prompt is not the text before an assistant answer")
 
 
+_PROBES = [
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"},
+     {"role": "assistant", "content": "Goodbye."}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+     {"role": "user", "content": "Call it"}, {"role": "assistant", "content": "<tool_call>\n{}\n</tool_call>"},
+     {"role": "tool", "content": "{\"ok\": true}"}, {"role": "assistant", "content": "Done."}],
+]
 _RENDERERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
