@@ -36,11 +36,12 @@ VARLEN_ATTENTION = "tunesmith_varlen_sdpa"
 
 @dataclass
 class PackedBatch:
-    """Several examples laid end to end in one row.
+    """The examples of one batch laid end to end in a single row, without padding.
 
     ``targets[t]`` is the token that position ``t`` must predict (already shifted,
     within its own example), or ``IGNORE_INDEX``; ``cu_seqlens`` are the example
     boundaries ``[0, len0, len0+len1, ...]`` as in flash-attention's varlen API.
+    ``tokens`` and ``labelled`` count real tokens and tokens that carry loss.
     """
 
     input_ids: torch.Tensor  # [1, T] long
@@ -48,23 +49,21 @@ class PackedBatch:
     targets: torch.Tensor  # [1, T] long
     cu_seqlens: torch.Tensor  # [n + 1] int32
     max_seqlen: int
-    num_tokens: int
-    num_targets: int
+    tokens: int
+    labelled: int
 
     def to(self, device: torch.device | str) -> "PackedBatch":
         """The same batch with its tensors on ``device``."""
         return PackedBatch(self.input_ids.to(device), self.position_ids.to(device), self.targets.to(device),
-                           self.cu_seqlens.to(device), self.max_seqlen, self.num_tokens, self.num_targets)
+                           self.cu_seqlens.to(device), self.max_seqlen, self.tokens, self.labelled)
 
 
-def pack_examples(examples: Sequence[tuple[Sequence[int], Sequence[int]]]) -> PackedBatch:
-    """Pack ``(input_ids, labels)`` pairs into one row (labels unshifted, ``-100`` where no loss).
+def pack_examples(examples: Sequence) -> PackedBatch:
+    """Pack examples (objects with ``input_ids`` and ``labels``, or such pairs) into one row.
 
-    Args:
-        examples: token ids and same-length labels per example, the transformers convention.
-
-    Returns:
-        a :class:`PackedBatch` whose targets never cross an example boundary.
+    Labels follow the transformers convention: unshifted, ``-100`` where no loss
+    is taken. The shift happens here, inside each example, so no example
+    predicts the first token of the next.
 
     Raises:
         ValueError: no examples, an empty example, or labels of another length.
@@ -75,7 +74,8 @@ def pack_examples(examples: Sequence[tuple[Sequence[int], Sequence[int]]]) -> Pa
     positions: list[int] = []
     targets: list[int] = []
     bounds = [0]
-    for index, (input_ids, labels) in enumerate(examples):
+    for index, example in enumerate(examples):
+        input_ids, labels = (example if isinstance(example, tuple) else (example.input_ids, example.labels))
         n = len(input_ids)
         if n == 0 or len(labels) != n:
             raise ValueError(f"example {index}: {n} tokens and {len(labels)} labels")
@@ -91,9 +91,19 @@ def pack_examples(examples: Sequence[tuple[Sequence[int], Sequence[int]]]) -> Pa
         targets=target_tensor,
         cu_seqlens=torch.tensor(bounds, dtype=torch.int32),
         max_seqlen=max(b - a for a, b in zip(bounds, bounds[1:])),
-        num_tokens=len(ids),
-        num_targets=int((target_tensor != IGNORE_INDEX).sum()),
+        tokens=len(ids),
+        labelled=int((target_tensor != IGNORE_INDEX).sum()),
     )
+
+
+def pack_batches(samples: Sequence, order: Sequence[int], batch_size: int) -> list[PackedBatch]:
+    """Group ``samples`` in ``order`` into packed batches of ``batch_size`` examples (the last may be smaller).
+
+    The drop-in counterpart of padding collation: the same examples make each
+    step, so the gradient is the padded path's.
+    """
+    return [pack_examples([samples[i] for i in order[start:start + batch_size]])
+            for start in range(0, len(order), batch_size)]
 
 
 # --------------------------------------------------------------------------- attention
@@ -187,92 +197,103 @@ def _configs(model) -> list:
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Sum of cross-entropy of ``hidden @ weight.T`` against ``targets``, in chunks of rows.
+    """Summed cross-entropy of ``hidden @ weight.T`` against ``targets``, in chunks of rows.
 
     The gradients are computed during the forward pass, chunk by chunk, so the
-    ``[rows, vocab]`` logits and their softmax never exist whole (the same trick as
-    Liger's fused linear cross-entropy); the backward only scales them.
+    ``[rows, vocab]`` logits and their softmax never exist whole (Liger's fused
+    linear cross-entropy, written with plain torch ops); the backward only scales
+    them. The softmax reuses the logits' buffer: on a CPU these ``rows x vocab``
+    passes are memory-bound, so each one saved shows.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_rows: int, softcap: float | None, compute_dtype):
         weight_c = weight.to(compute_dtype)
-        grad_hidden = torch.empty_like(hidden, dtype=torch.float32) if hidden.requires_grad else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
-        total = hidden.new_zeros((), dtype=torch.float32)
+        need_hidden, need_weight = hidden.requires_grad, weight.requires_grad
+        grad_hidden = torch.empty_like(hidden, dtype=torch.float32) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        correct = torch.zeros((), dtype=torch.long, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_rows):
             h = hidden[start:start + chunk_rows].to(compute_dtype)
-            y = targets[start:start + chunk_rows]
+            y = targets[start:start + chunk_rows, None]
             logits = (h @ weight_c.T).float()
             if softcap is not None:
                 capped = torch.tanh(logits / softcap)
                 logits = capped * softcap
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
-            if grad_hidden is None and grad_weight is None:
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            total += (lse - logits.gather(1, y)).sum()
+            correct += (logits.argmax(dim=-1, keepdim=True) == y).sum()
+            if not (need_hidden or need_weight):
                 continue
-            grad_logits = torch.softmax(logits, dim=-1)  # d(sum CE)/d logits = softmax - onehot
-            grad_logits[torch.arange(y.shape[0], device=y.device), y] -= 1.0
+            grad_logits = logits.sub_(lse).exp_()  # softmax, in place; d(sum CE)/d logits = softmax - onehot
+            grad_logits.scatter_add_(1, y, torch.full_like(y, -1.0, dtype=grad_logits.dtype))
             if softcap is not None:
                 grad_logits *= 1.0 - capped * capped
             grad_logits = grad_logits.to(compute_dtype)
-            if grad_hidden is not None:
-                grad_hidden[start:start + chunk_rows] = (grad_logits @ weight_c).float()
-            if grad_weight is not None:
-                grad_weight += (grad_logits.T @ h).float()
+            if need_hidden:
+                grad_hidden[start:start + chunk_rows] = grad_logits @ weight_c
+            if need_weight and compute_dtype == torch.float32:
+                grad_weight.addmm_(grad_logits.T, h)
+            elif need_weight:
+                grad_weight += grad_logits.T @ h
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.dtypes = (hidden.dtype, weight.dtype)
-        return total
+        ctx.mark_non_differentiable(correct)
+        return total, correct
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_total, _grad_correct):
         grad_hidden, grad_weight = ctx.saved_tensors
         hidden_dtype, weight_dtype = ctx.dtypes
-        gh = None if grad_hidden is None else (grad_hidden * grad_output).to(hidden_dtype)
-        gw = None if grad_weight is None else (grad_weight * grad_output).to(weight_dtype)
+        gh = None if grad_hidden is None else (grad_hidden * grad_total).to(hidden_dtype)
+        gw = None if grad_weight is None else (grad_weight * grad_total).to(weight_dtype)
         return gh, gw, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                         chunk_rows: int = 1024, softcap: float | None = None) -> torch.Tensor:
-    """Mean cross-entropy of the logits ``hidden @ weight.T`` (rows x vocab), never all materialised.
+                         chunk_rows: int = 1024, softcap: float | None = None) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy of the logits ``hidden @ weight.T`` (rows x vocab), never all materialised.
 
     Args:
         hidden: ``[rows, d]`` hidden states at the labelled positions.
         weight: ``[vocab, d]`` output-layer weight (tied embeddings included).
         targets: ``[rows]`` token ids, none ignored.
-        chunk_rows: rows per chunk: memory is ``chunk_rows x vocab`` floats, twice.
+        chunk_rows: rows per chunk: memory is ``chunk_rows x vocab`` floats.
         softcap: final logit soft-capping (``tanh(x/c)*c``), as some Gemma models use.
 
     Returns:
-        the scalar mean loss (fp32); under CPU/CUDA autocast the matmuls run in its dtype.
+        (the summed loss, a differentiable fp32 scalar; how many rows the argmax gets right).
+        Under CPU/CUDA autocast the matmuls run in the autocast dtype, the softmax in fp32.
     """
     if hidden.shape[0] == 0:
-        return hidden.sum() * 0.0  # keeps the graph: no labelled token in this batch
+        return hidden.sum() * 0.0, 0  # keeps the graph: no labelled token in this batch
     compute_dtype = weight.dtype
     if torch.is_autocast_enabled(hidden.device.type):
         compute_dtype = torch.get_autocast_dtype(hidden.device.type)
     with torch.autocast(hidden.device.type, enabled=False):
-        total = _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, softcap, compute_dtype)
-    return total / hidden.shape[0]
+        total, correct = _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, softcap, compute_dtype)
+    return total, int(correct)
 
 
-def packed_loss(model, batch: PackedBatch, *, chunk_rows: int = 1024) -> torch.Tensor:
-    """Mean next-token loss of ``model`` on ``batch``, the output layer run on labelled rows only.
+def packed_token_loss(model, batch: PackedBatch, *, chunk_rows: int = 1024) -> tuple[torch.Tensor, int]:
+    """Summed next-token loss over the labelled tokens of ``batch``, and how many the model got right.
 
-    Works for a transformers causal LM or a PEFT model wrapping one; the model must
-    be inside :func:`packed_attention` (or the batch hold a single example).
+    The decoder runs once over the packed row; the output layer only on the
+    labelled rows. Works for a transformers causal LM or a PEFT model wrapping
+    one. The model must be inside :func:`packed_attention` unless the batch holds
+    a single example.
 
     Returns:
-        the scalar loss, equal to the padded path's ``model(..., labels=...).loss``.
+        (summed loss, correct count), as the padded path's ``token_loss`` gives them.
     """
     decoder = model.get_decoder()
     head = model.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
         raise ValueError("an output layer with a bias is not supported by the packed loss")
-    boundaries = batch.cu_seqlens
+    bounds = batch.cu_seqlens
     hidden = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
-                     cu_seq_lens_q=boundaries, cu_seq_lens_k=boundaries,
+                     cu_seq_lens_q=bounds, cu_seq_lens_k=bounds,
                      max_length_q=batch.max_seqlen, max_length_k=batch.max_seqlen).last_hidden_state
     rows = (batch.targets[0] != IGNORE_INDEX).nonzero().squeeze(1)
     config = model.config

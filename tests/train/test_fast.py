@@ -1,0 +1,157 @@
+"""The fast training step (packing, per-example attention, labelled-only output layer) equals the padded path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tunesmith.models.loading import load_causal_lm
+from tunesmith.train import fast
+
+CPU = torch.device("cpu")
+
+
+def _examples(lengths, vocab: int, seed: int = 0) -> list[tuple[list[int], list[int]]]:
+    """Random token ids; the first 60% of each example is prompt (label -100), the rest is trained."""
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(3, vocab, (n,), generator=generator).tolist()
+        prompt = int(n * 0.6)
+        out.append((ids, [-100] * prompt + ids[prompt:]))
+    return out
+
+
+def _padded_loss(model, examples, pad_id: int = 0) -> torch.Tensor:
+    """The plain path: right-padded batch, attention mask, transformers' own mean loss."""
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad_id)
+    labels = torch.full((len(examples), width), -100)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, (ids, lab) in enumerate(examples):
+        input_ids[row, :len(ids)], labels[row, :len(ids)], mask[row, :len(ids)] = (
+            torch.tensor(ids), torch.tensor(lab), 1)
+    return model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+
+
+def _packed_loss(model, examples) -> torch.Tensor:
+    batch = fast.pack_examples(examples)
+    with fast.packed_attention(model):
+        total, _correct = fast.packed_token_loss(model, batch, chunk_rows=7)
+    return total / batch.labelled
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def _assert_same_step(model, examples, atol=2e-5):
+    plain = _padded_loss(model, examples)
+    plain.backward()
+    plain_grads = _grads(model)
+    packed = _packed_loss(model, examples)
+    packed.backward()
+    packed_grads = _grads(model)
+    assert packed.item() == pytest.approx(plain.item(), rel=1e-5)
+    assert plain_grads.keys() == packed_grads.keys() and plain_grads
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, atol=atol, rtol=1e-3, msg=name)
+
+
+def test_pack_shifts_targets_inside_each_example():
+    batch = fast.pack_examples([([5, 6, 7], [-100, 6, 7]), ([8, 9], [-100, 9])])
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 0, 1]]
+    # position t predicts token t+1 of its own example; an example's last token predicts nothing
+    assert batch.targets.tolist() == [[6, 7, -100, 9, -100]]
+    assert batch.cu_seqlens.tolist() == [0, 3, 5]
+    assert (batch.tokens, batch.labelled, batch.max_seqlen) == (5, 3, 3)
+
+
+def test_pack_batches_keeps_the_order_and_batch_size():
+    samples = [([i, i + 1], [-100, i + 1]) for i in range(5)]
+    batches = fast.pack_batches(samples, [4, 0, 2, 1, 3], 2)
+    assert [b.input_ids[0, ::2].tolist() for b in batches] == [[4, 0], [2, 1], [3]]
+
+
+@pytest.mark.parametrize("bad", [[], [([], [])], [([1, 2], [1])]])
+def test_pack_refuses_empty_or_mismatched_examples(bad):
+    with pytest.raises(ValueError):
+        fast.pack_examples(bad)
+
+
+def test_full_fine_tuning_step_equals_the_padded_one(tiny_model_path):
+    model = load_causal_lm(tiny_model_path, device=CPU, dtype=torch.float32).train()
+    _assert_same_step(model, _examples([23, 9, 31, 17], model.config.vocab_size))
+
+
+def test_lora_step_equals_the_padded_one(tiny_model_path):
+    from peft import LoraConfig, get_peft_model
+
+    model = load_causal_lm(tiny_model_path, device=CPU, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+                                             task_type="CAUSAL_LM")).train()
+    torch.manual_seed(1)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:  # zero at init: give the adapters something to propagate
+            torch.nn.init.normal_(parameter, std=0.02)
+    _assert_same_step(model, _examples([12, 30, 5], model.config.vocab_size, seed=1))
+
+
+def test_gemma_sliding_window_is_kept_per_example(tiny_gemma_path):
+    from transformers import AutoModelForCausalLM
+
+    # a window shorter than the examples, so local layers really mask
+    model = AutoModelForCausalLM.from_pretrained(tiny_gemma_path, dtype=torch.float32, sliding_window=8).train()
+    assert "sliding_attention" in model.config.layer_types
+    _assert_same_step(model, _examples([21, 6, 14], model.config.vocab_size, seed=2))
+
+
+def test_packed_attention_is_restored_after_the_block(tiny_model_path):
+    model = load_causal_lm(tiny_model_path, device=CPU, dtype=torch.float32)
+    before = model.config._attn_implementation
+    with fast.packed_attention(model):
+        assert model.config._attn_implementation == fast.VARLEN_ATTENTION
+    assert model.config._attn_implementation == before
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_linear_cross_entropy_equals_full_logits(softcap):
+    torch.manual_seed(0)
+    hidden = torch.randn(13, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (13,))
+    total, correct = fast.linear_cross_entropy(hidden, weight, targets, chunk_rows=4, softcap=softcap)
+    (total * 0.5).backward()
+    got = (hidden.grad.clone(), weight.grad.clone())
+    hidden.grad = weight.grad = None
+    logits = hidden @ weight.T
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    expected = F.cross_entropy(logits, targets, reduction="sum")
+    (expected * 0.5).backward()
+    assert total.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert correct == int((logits.argmax(-1) == targets).sum())
+    torch.testing.assert_close(got[0], hidden.grad)
+    torch.testing.assert_close(got[1], weight.grad)
+
+
+def test_linear_cross_entropy_under_bf16_autocast_stays_close():
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(40, 32), torch.randn(300, 32) * 0.2
+    targets = torch.randint(0, 300, (40,))
+    exact = F.cross_entropy(hidden @ weight.T, targets, reduction="sum")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total, _ = fast.linear_cross_entropy(hidden, weight, targets)
+    assert total.dtype == torch.float32
+    assert total.item() == pytest.approx(exact.item(), rel=2e-2)
+
+
+def test_batch_without_labels_gives_zero_loss_with_a_graph():
+    hidden = torch.randn(0, 8, requires_grad=True)
+    total, correct = fast.linear_cross_entropy(hidden, torch.randn(20, 8), torch.zeros(0, dtype=torch.long))
+    total.backward()
+    assert (total.item(), correct) == (0.0, 0)
