@@ -187,29 +187,37 @@ class Engine:
 
     # ----- prompts ---------------------------------------------------------------------------
 
-    def prompt_ids(self, model_ref: str | Path | ModelHandle, messages: list[dict]) -> list[int]:
-        """The token ids the model reads for ``messages`` (chat template + generation header)."""
-        handle = self._handle(model_ref)
-        return _encode(handle.tokenizer, _render(handle.tokenizer, messages))
+    def prompt_ids(self, model_ref: str | Path | ModelHandle, messages: list[dict],
+                   tools: list[dict] | None = None) -> list[int]:
+        """The token ids the model reads for ``messages`` (chat template + generation header).
 
-    def count_prompt_tokens(self, model_ref: str | Path | ModelHandle, messages: list[dict]) -> int:
+        Rendered and tokenized exactly as in training (the data layer's ``encode_prompt``).
+        """
+        from tunesmith.data.chat import encode_prompt
+
+        handle = self._handle(model_ref)
+        return encode_prompt(handle.tokenizer, messages, tools)
+
+    def count_prompt_tokens(self, model_ref: str | Path | ModelHandle, messages: list[dict],
+                            tools: list[dict] | None = None) -> int:
         """How many prompt tokens ``messages`` cost on this model."""
-        return len(self.prompt_ids(model_ref, messages))
+        return len(self.prompt_ids(model_ref, messages, tools))
 
     # ----- generation ------------------------------------------------------------------------
 
     def chat(self, model_ref: str | Path | ModelHandle, messages: list[dict],
-             settings: GenerationSettings | None = None) -> Completion:
+             settings: GenerationSettings | None = None, tools: list[dict] | None = None) -> Completion:
         """Answer a conversation: the assistant's next turn.
 
         Args:
             model_ref: model reference or a handle from :meth:`resolve`.
             messages: OpenAI-style messages (role, content).
             settings: generation settings (default: greedy, 256 tokens).
+            tools: function schemas offered to the model, rendered as in training.
         """
         start = time.perf_counter()
         handle = self._handle(model_ref)
-        ids = self.prompt_ids(handle, messages)
+        ids = self.prompt_ids(handle, messages, tools)
         return self._generate(handle, ids, settings or GenerationSettings(), start=start)
 
     def complete(self, model_ref: str | Path | ModelHandle, prompt: str,
@@ -221,7 +229,7 @@ class Engine:
         return self._generate(handle, ids, settings or GenerationSettings(), start=start)
 
     def chat_stream(self, model_ref: str | Path | ModelHandle, messages: list[dict],
-                    settings: GenerationSettings | None = None) -> CompletionStream:
+                    settings: GenerationSettings | None = None, tools: list[dict] | None = None) -> CompletionStream:
         """Answer a conversation as a stream of text deltas.
 
         Returns:
@@ -230,7 +238,7 @@ class Engine:
         """
         start = time.perf_counter()
         handle = self._handle(model_ref)
-        ids = self.prompt_ids(handle, messages)
+        ids = self.prompt_ids(handle, messages, tools)
         return self._stream(handle, ids, settings or GenerationSettings(), start)
 
     def complete_stream(self, model_ref: str | Path | ModelHandle, prompt: str,
@@ -345,16 +353,7 @@ def _unwrap(model):
     return get_base() if callable(get_base) else model
 
 
-def _render(tokenizer, messages: list[dict]) -> str:
-    try:
-        from tunesmith.data import render_prompt
-    except ImportError:  # TODO(data layer): remove once render_prompt lands
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return render_prompt(tokenizer, messages)
-
-
 def _encode(tokenizer, text: str, *, special: bool = False) -> list[int]:
-    # A rendered chat prompt already carries the template's own BOS; a raw prompt gets the tokenizer's.
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 

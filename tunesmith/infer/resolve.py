@@ -113,20 +113,18 @@ def _locate_run(ref: str, run) -> ModelSource:
 
 
 def _find_run(ref: str):
-    """The run called ``ref`` (a folder or a name under ./runs), or None when there is none."""
+    """The run ``ref`` names (its folder, final/ folder or name), finished or not; None when none."""
     try:
-        from tunesmith.train.runs import resolve_run
+        from tunesmith.train.runs import Run, find_run_dir, read_manifest
     except ImportError:  # a build without the training layer: only models and folders resolve
         return None
-    try:
-        return resolve_run(ref)
-    except NotFoundError:
-        return None
+    found = find_run_dir(ref)
+    return Run(found.resolve(), read_manifest(found)) if found is not None else None
 
 
 def _owning_run(folder: Path):
-    """The run a final/ or checkpoint folder belongs to (its parent or grandparent), if any."""
-    for candidate in (folder.parent, folder.parent.parent):
+    """The run a final/ or checkpoint folder (``checkpoints/step-N/[model]``) belongs to, if any."""
+    for candidate in (folder.parent, folder.parent.parent, folder.parent.parent.parent):
         if candidate == folder or not candidate.is_dir():
             continue
         run = _find_run(str(candidate))
@@ -152,13 +150,7 @@ def _adapter_base(adapter: Path, run) -> Path:
 
 def _drop_system(run) -> bool:
     """Whether the run's training dropped the system prompt (recorded in its manifest)."""
-    if run is None:
-        return False
-    manifest = getattr(run, "manifest", None) or {}
-    for section in (manifest, manifest.get("config") or {}, manifest.get("resolved") or {}):
-        if isinstance(section, dict) and "drop_system" in section:
-            return bool(section["drop_system"])
-    return False
+    return bool(run.drop_system) if run is not None else False
 
 
 def _run_path(run) -> Path | None:
