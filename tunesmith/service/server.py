@@ -87,8 +87,15 @@ def serve(host: str, port: int, workers: int, log_level: str = "info") -> None:
     ctx = ServiceContext.from_env()
     app = create_app(ctx)
     pool = WorkerPool(workers, ctx.settings.pause_grace_s)
+    # uvicorn re-raises the signal that stopped it once it has shut down; with the default
+    # SIGTERM action that would kill this process before the workers are stopped, so
+    # SIGTERM gets a handler that lets uvicorn.run return (SIGINT raises KeyboardInterrupt).
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: None)
     pool.start()
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    except KeyboardInterrupt:
+        pass
     finally:
+        log.info("stopping the workers (running jobs are checkpointed and queued again)")
         pool.stop()
