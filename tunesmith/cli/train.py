@@ -74,7 +74,7 @@ def train_command(
         result = train(config, resume=resume, on_event=view.handle)
     show_result(result, time.perf_counter() - started)
     if result.status != "succeeded":
-        raise typer.Exit(130)
+        raise SystemExit(130)  # typer.Exit would be swallowed: the root app runs with standalone_mode=False
 
 
 def build_config(given: dict[str, Any], target_modules: list[str] | None, flags: dict[str, bool], *,
@@ -86,7 +86,7 @@ def build_config(given: dict[str, Any], target_modules: list[str] | None, flags:
     """
     from tunesmith.errors import ConfigError
     from tunesmith.train.config import TrainConfig
-    from tunesmith.train.runs import is_run_dir, read_manifest
+    from tunesmith.train.runs import read_manifest, resumable_run_dir
 
     values = {OPTION_FIELDS[name]: _number_or_text(value) if name in ("epochs", "batch_size",
                                                                       "learning_rate_multiplier") else value
@@ -99,8 +99,8 @@ def build_config(given: dict[str, Any], target_modules: list[str] | None, flags:
     values.update({key: True for key, on in flags.items() if on})
     if out is not None:
         values["out"] = out
-    if resume and out is not None and is_run_dir(Path(out)):
-        saved = read_manifest(Path(out)).get("config", {})
+    if resume and out is not None:
+        saved = read_manifest(resumable_run_dir(out)).get("config", {})
         return TrainConfig.from_dict({**saved, **values})
     missing = [f"{name}: required (--{name})" for name in ("model", "data") if name not in values]
     if missing:

@@ -61,12 +61,27 @@ def export_merged(run_ref: str, out: Path) -> Path:
     return out
 
 
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is "no space left on device".
+
+    safetensors reports it as its own error type with the OS message, not as an OSError.
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(seen) or "os error 28" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 @contextlib.contextmanager
 def _disk_full_is_an_error(out: Path):
     try:
         yield
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
+    except Exception as exc:
+        if is_disk_full(exc):
             raise TunesmithError(f"the disk is full (writing {out}); nothing was written",
                                  "free some space or export to another disk") from exc
         raise

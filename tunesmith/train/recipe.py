@@ -10,7 +10,6 @@ an "interrupted" result that ``resume=True`` continues exactly.
 from __future__ import annotations
 
 import contextlib
-import errno
 import math
 import signal
 import threading
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from tunesmith import settings
 from tunesmith.atomic import atomic_dir, write_json
 from tunesmith.errors import ConfigError, NotFoundError, TunesmithError
+from tunesmith.models.export import is_disk_full
 from tunesmith.models.loading import apply_chat_template_and_eos, load_causal_lm, load_tokenizer, pick_device
 from tunesmith.train import batches as data
 from tunesmith.train import checkpoint as ckpt
@@ -36,7 +36,7 @@ from tunesmith.train.methods import get_method
 from tunesmith.train.metrics import MetricsLog
 from tunesmith.train.runs import (
     CHECKPOINTS, FAILED, FINAL, FINAL_INFO, INTERRUPTED, LOSS_PNG, MANIFEST_FORMAT, METRICS_CSV, RUNNING,
-    SUCCEEDED, is_run_dir, list_runs, read_manifest, utc_now, write_manifest,
+    SUCCEEDED, is_run_dir, list_runs, read_manifest, resumable_run_dir, utc_now, write_manifest,
 )
 from tunesmith.train.source import ModelSource, resolve_source
 
@@ -117,18 +117,15 @@ def train(config: TrainConfig, *, resume: bool = False, on_event: EventSink | No
         with _stop_on_signals() as signalled:
             session.signalled = signalled
             return session.run(resume)
-    except OSError as exc:
-        session.mark_failed(exc)
-        if exc.errno == errno.ENOSPC:
-            raise TunesmithError(f"the disk is full (writing {exc.filename or run_dir})",
-                                 f"free some space, then resume: tunesmith train --out {run_dir} --resume"
-                                 ) from exc
-        raise
     except KeyboardInterrupt:
         session.mark(INTERRUPTED)
         raise
     except BaseException as exc:
         session.mark_failed(exc)
+        if is_disk_full(exc):
+            raise TunesmithError(f"the disk is full (writing {getattr(exc, 'filename', None) or run_dir})",
+                                 f"free some space, then resume: tunesmith train --out {run_dir} --resume"
+                                 ) from exc
         raise
 
 
@@ -610,17 +607,7 @@ def _new_run_dir(config: TrainConfig) -> Path:
 def _find_resume_dir(config: TrainConfig) -> Path:
     """The run to resume: ``config.out``, or the newest unfinished run of this model, data and method."""
     if config.out is not None:
-        out = Path(config.out).expanduser().resolve()
-        if not out.exists():
-            raise NotFoundError(f"nothing to resume: {out} does not exist", "drop --resume to start a new run")
-        if not is_run_dir(out):
-            raise TunesmithError(f"{out} is not a tunesmith run (no manifest.json), so it cannot be resumed",
-                                 "pass the folder of an interrupted run to --out")
-        manifest = read_manifest(out)
-        if manifest.get("status") == SUCCEEDED:
-            raise TunesmithError(f"run {out.name} already finished; there is nothing to resume",
-                                 f"fine-tune it further with: tunesmith train --model {out} --data NEW.jsonl")
-        return out
+        return resumable_run_dir(config.out)
     wanted = (str(Path(config.data).resolve()), config.model, config.method)
     for run in reversed(list_runs(settings.default_runs_dir())):
         saved = run.manifest.get("config", {})

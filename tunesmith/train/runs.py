@@ -176,6 +176,25 @@ def resolve_run(ref: str, *, require_finished: bool = True) -> Run:
     return run
 
 
+def resumable_run_dir(out: str | Path) -> Path:
+    """The run folder ``out``, checked to be a run that can be resumed.
+
+    Raises:
+        NotFoundError: ``out`` does not exist.
+        TunesmithError: ``out`` is not a run, or the run already finished.
+    """
+    path = Path(out).expanduser().resolve()
+    if not path.exists():
+        raise NotFoundError(f"nothing to resume: {path} does not exist", "drop --resume to start a new run")
+    if not is_run_dir(path):
+        raise TunesmithError(f"{path} is not a tunesmith run (no {MANIFEST}), so it cannot be resumed",
+                             "pass the folder of an interrupted run to --out")
+    if read_manifest(path).get("status") == SUCCEEDED:
+        raise TunesmithError(f"run {path.name} already finished; there is nothing to resume",
+                             f"fine-tune it further with: tunesmith train --model {path} --data NEW.jsonl")
+    return path
+
+
 def list_runs(root: Path) -> list[Run]:
     """Every run folder directly under ``root``, oldest first (unreadable ones are skipped)."""
     root = Path(root)
