@@ -101,6 +101,27 @@ class _Cancelled:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+class _StopStrings:
+    """A stopping criterion: the generated text contains one of the stop strings.
+
+    Hand-written because transformers' ``stop_strings`` matches at the token level and can
+    stop before the string is complete (on runs of one repeated character, for instance).
+    Only the last few tokens are decoded: each token carries at least one character of
+    text, so a window of the longest stop's length (plus slack for special tokens) suffices.
+    """
+
+    def __init__(self, decode, prompt_length: int, stops: list[str]):
+        self.decode = decode
+        self.prompt_length = prompt_length
+        self.stops = stops
+        self.window = max(len(s) for s in stops) + 8
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        generated = input_ids[0, self.prompt_length:][-self.window:].tolist()
+        hit = any(stop in self.decode(generated) for stop in self.stops)
+        return torch.full((input_ids.shape[0],), hit, dtype=torch.bool, device=input_ids.device)
+
+
 class Engine:
     """Loads models once and generates with them; safe to share between threads.
 
@@ -287,6 +308,8 @@ class Engine:
     def _generate(self, handle: ModelHandle, ids: list[int], settings: GenerationSettings, *, start: float,
                   on_delta=None, cancel: threading.Event | None = None) -> Completion:
         """Generate for one prompt under the model lock; the one place that calls ``generate``."""
+        from transformers import StoppingCriteriaList
+
         if handle.context_length is not None and len(ids) >= handle.context_length:
             raise TunesmithError(f"the prompt has {len(ids)} tokens; {handle.name} reads at most "
                                  f"{handle.context_length}", "shorten the conversation", param="messages")
@@ -294,6 +317,8 @@ class Engine:
         decode = _decoder(tokenizer, handle.eos_ids)
         streamer = DeltaStreamer(decode, on_delta, settings.stop) if on_delta is not None else None
         criteria = [_Cancelled(cancel)] if cancel is not None else []
+        if settings.stop:
+            criteria.append(_StopStrings(decode, len(ids), settings.stop))
         with self._lock:
             base = self._bases[handle.base_key]
             input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
@@ -304,9 +329,8 @@ class Engine:
                     input_ids=input_ids,
                     attention_mask=torch.ones_like(input_ids),
                     generation_config=_generation_config(handle, tokenizer, settings),
-                    stopping_criteria=criteria or None,
+                    stopping_criteria=StoppingCriteriaList(criteria) if criteria else None,
                     streamer=streamer,
-                    tokenizer=tokenizer if settings.stop else None,
                 )
         new_ids = [int(t) for t in output[0, len(ids):].tolist()]
         text, hit_stop = cut_at_stop(decode(new_ids), settings.stop)
@@ -330,7 +354,6 @@ def _generation_config(handle: ModelHandle, tokenizer, settings: GenerationSetti
         top_k=None,
         eos_token_id=list(handle.eos_ids),
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else handle.eos_ids[0],
-        stop_strings=list(settings.stop) if settings.stop else None,
     )
 
 
