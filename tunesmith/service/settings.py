@@ -103,7 +103,7 @@ class Settings:
     api_key: str | None = None
     default_project: str = DEFAULT_PROJECT
     max_upload_bytes: int = 4 * 1024**3
-    validate_upload_max_bytes: int = 64 * 1024**2
+    validate_upload_max_bytes: int = 16 * 1024**2
     extra_models: dict[str, Path] = field(default_factory=dict)
     heartbeat_s: float = 2.0
     stale_after_s: float = 30.0
