@@ -196,3 +196,17 @@ def test_validation_split_and_accumulation_run(tiny_model_path, data_dir, tmp_pa
     assert result.resolved["n_train_examples"] == 9 and result.resolved["n_valid_examples"] == 3
     assert result.resolved["steps_per_epoch"] == 3 and result.steps == 3  # ceil(ceil(9/2)/2)
     assert result.metrics["valid_loss"] is not None
+
+
+def test_model_without_chat_template_trains_with_its_turn_tokens(tiny_gemma_path, data_dir, tmp_path):
+    config = quick_config(tiny_gemma_path, data_dir / "train.jsonl", tmp_path / "run", epochs=1, batch_size=12)
+    result = train(config)
+    manifest = read_manifest(result.run_dir)
+    assert manifest["chat_template_source"] == "tunesmith:gemma-turns" and manifest["end_of_turn"] == "<end_of_turn>"
+    final = result.final_dir
+    assert "<start_of_turn>" in (final / "chat_template.jinja").read_text()
+    tokenizer = load_tokenizer(final)
+    generation = json.loads((final / "generation_config.json").read_text())
+    eos = generation["eos_token_id"]
+    assert tokenizer.convert_tokens_to_ids("<end_of_turn>") == (eos[0] if isinstance(eos, list) else eos)
+    assert json.loads((final / "tunesmith_run.json").read_text())["chat_template_source"] == "tunesmith:gemma-turns"

@@ -550,9 +550,6 @@ def _shown(resolved: dict) -> dict:
 # -------------------------------------------------------------------- run folders
 def _new_manifest(config: TrainConfig, method, source: ModelSource, resolved: dict,
                   training: data.TrainingData, tokenizer) -> dict[str, Any]:
-    template_source = source.info.chat_template_source if source.info else None
-    if source.parent is not None:
-        template_source = source.parent.manifest.get("chat_template_source", template_source)
     _source, end_of_turn, eos_ids = apply_chat_template_and_eos(tokenizer)
     return {
         "format": MANIFEST_FORMAT,
@@ -568,7 +565,7 @@ def _new_manifest(config: TrainConfig, method, source: ModelSource, resolved: di
                        "name": source.base_name},
         "parent_run": ({"name": source.parent.name, "path": str(source.parent.path)}
                        if source.parent is not None else None),
-        "chat_template_source": template_source or "model",
+        "chat_template_source": _template_source(source, tokenizer),
         "end_of_turn": end_of_turn,
         "eos_token_ids": eos_ids,
         "drop_system": config.drop_system,
@@ -582,6 +579,21 @@ def _new_manifest(config: TrainConfig, method, source: ModelSource, resolved: di
         "timings": {},
         "error": None,
     }
+
+
+def _template_source(source: ModelSource, tokenizer) -> str:
+    """Which chat template training renders with: the model's own, or one tunesmith built for it."""
+    if source.parent is not None and source.parent.manifest.get("chat_template_source"):
+        return source.parent.manifest["chat_template_source"]
+    if source.info is not None:
+        return source.info.chat_template_source
+    from tunesmith.models.templates import template_for_tokens
+
+    try:
+        built = template_for_tokens(set(tokenizer.get_vocab()), tokenizer.eos_token)
+    except ValueError:
+        return "model"
+    return built.name if tokenizer.chat_template == built.jinja else "model"
 
 
 def _new_run_dir(config: TrainConfig) -> Path:
