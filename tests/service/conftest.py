@@ -79,7 +79,7 @@ class Server:
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         """Run a tunesmith command against this server's home (keys) or API (files, jobs)."""
-        env = dict(self.env, OPENAI_BASE_URL=self.base_url, OPENAI_API_KEY=API_KEY)
+        env = dict(self.env, OPENAI_BASE_URL=self.base_url, OPENAI_API_KEY=API_KEY, COLUMNS="200")
         done = subprocess.run([sys.executable, "-m", "tunesmith", *args], env=env, capture_output=True, text=True,
                               timeout=120)
         if check and done.returncode != 0:

@@ -310,3 +310,21 @@ def test_pause_checkpoints_and_resume_continues(client, uploaded):
     assert any(e.message == f"Resuming from checkpoint step {paused_at}" for e in events)
     steps = [e.data["step"] for e in events if e.type == "metrics"]
     assert sorted(steps) == list(range(1, 19))  # every step once: replayed steps are not counted twice
+
+
+def test_client_cli_files_and_jobs(server, finished_job, train_file, tmp_path):
+    file_id = server.cli("files", "upload", str(train_file)).stdout.strip()
+    assert file_id.startswith("file-")
+    assert finished_job.id in server.cli("jobs", "list").stdout.replace("\n", "")
+    followed = server.cli("jobs", "follow", finished_job.id)
+    assert "The job has successfully completed" in followed.stdout and finished_job.fine_tuned_model in \
+        followed.stdout.replace("\n", "")
+
+    refused = server.cli("jobs", "cancel", finished_job.id, check=False)
+    assert refused.returncode == 1 and "409" in refused.stderr and "Traceback" not in refused.stderr
+
+    rows = chat_rows(40)
+    rows[2] = {"messages": [{"role": "user", "content": "unanswered " * 10}]}
+    bad = write_jsonl(tmp_path / "unanswered.jsonl", rows)
+    failed = server.cli("jobs", "create", "--model", "tiny", "--training-file", str(bad), "--follow", check=False)
+    assert failed.returncode == 1 and "unanswered.jsonl:3" in failed.stderr.replace("\n", "")

@@ -100,7 +100,7 @@ def files_list(base_url: Optional[str] = BaseUrl, api_key: Optional[str] = ApiKe
     client = make_client(base_url, api_key)
     table = Table(title="files")
     for column in ("id", "filename", "purpose", "bytes", "created"):
-        table.add_column(column, overflow="fold")
+        table.add_column(column, no_wrap=column == "id", overflow="fold")
     with server_errors(base_url):
         for item in client.files.list():
             table.add_row(item.id, item.filename, item.purpose, str(item.bytes), _when(item.created_at))
@@ -178,7 +178,7 @@ def jobs_list(limit: int = typer.Option(20, "--limit", help="how many (newest fi
     client = make_client(base_url, api_key)
     table = Table(title="fine-tuning jobs")
     for column in ("id", "model", "status", "fine-tuned model", "tokens", "created"):
-        table.add_column(column, overflow="fold")
+        table.add_column(column, no_wrap=column == "id", overflow="fold")
     with server_errors(base_url):
         page = client.fine_tuning.jobs.list(limit=limit)
         for job in page.data:

@@ -22,6 +22,7 @@ from tunesmith.service.ids import new_id
 from tunesmith.service.settings import Settings, is_safe_name
 
 KEY_PREFIX = "sk-"
+_default_projects: dict[tuple[str, str], "Project"] = {}  # (database, name) → project: rows never change
 
 
 @dataclass(frozen=True)
@@ -117,8 +118,11 @@ def revoke_key(engine: Engine, key_id: str) -> KeyInfo:
 def authenticate(engine: Engine, settings: Settings, token: str) -> Project | None:
     """The project ``token`` opens, or None when it opens nothing (unknown or revoked)."""
     if settings.api_key is not None and hmac.compare_digest(token.encode(), settings.api_key.encode()):
-        with engine.begin() as conn:
-            return ensure_project(conn, settings.default_project)
+        cache_key = (str(engine.url), settings.default_project)
+        if cache_key not in _default_projects:
+            with engine.begin() as conn:
+                _default_projects[cache_key] = ensure_project(conn, settings.default_project)
+        return _default_projects[cache_key]
     query = (select(db.projects.c.id, db.projects.c.name)
              .join(db.api_keys, db.api_keys.c.project_id == db.projects.c.id)
              .where(db.api_keys.c.key_hash == hash_key(token))
