@@ -6,7 +6,8 @@ folder, then runs each measurement in a fresh Python process so its peak RSS is 
 * ``check``  — ``tunesmith.data.check_file`` (read, validate, render, tokenize, statistics);
 * ``encode`` — ``load_examples`` + ``encode_examples`` (what training does before packing).
 
-Prints examples/s, peak RSS and the RSS of the same process just before the pass
+Prints examples/s (wall clock and per CPU-second, which is steadier on a busy
+machine), peak RSS and the RSS of the same process just before the pass
 (tokenizer loaded), so the growth attributable to the file is visible. No assertions:
 the figures depend on the machine.
 
@@ -55,6 +56,12 @@ def _rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+def _cpu_s() -> float:
+    """CPU seconds of this process, all threads (the Rust tokenizer runs several)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
@@ -68,6 +75,7 @@ def child(task: str, path: str, model: str) -> dict:
     tokenizer = load_tokenizer(resolve_model(model).path)
     check_file(Path(path).with_name("warmup.jsonl"), model=model)  # imports, template check, FLOP/s probe
     before = _rss_mb()
+    cpu = _cpu_s()
     start = time.perf_counter()
     if task == "check":
         report = check_file(path, model=model)
@@ -78,8 +86,10 @@ def child(task: str, path: str, model: str) -> dict:
             n += 1
             tokens += len(encoded.input_ids)
     seconds = time.perf_counter() - start
-    return {"task": task, "examples": n, "tokens": tokens, "seconds": round(seconds, 2),
-            "examples_per_s": round(n / seconds), "rss_before_mb": round(before), "peak_rss_mb": round(_peak_mb())}
+    cpu = _cpu_s() - cpu
+    return {"task": task, "examples": n, "tokens": tokens, "seconds": round(seconds, 2), "cpu_s": round(cpu, 2),
+            "examples_per_s": round(n / seconds), "examples_per_cpu_s": round(n / cpu),
+            "rss_before_mb": round(before), "peak_rss_mb": round(_peak_mb())}
 
 
 def main() -> None:
@@ -94,8 +104,8 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory(prefix="tunesmith-bench-") as tmp:
         generate(Path(tmp) / "warmup.jsonl", 20)
-        print(f"{'task':<7} {'examples':>9} {'tokens':>11} {'seconds':>8} {'examples/s':>11} "
-              f"{'RSS before':>11} {'peak RSS':>9}")
+        print(f"{'task':<7} {'examples':>9} {'tokens':>11} {'seconds':>8} {'examples/s':>11} {'CPU s':>7} "
+              f"{'ex/CPU s':>9} {'RSS before':>11} {'peak RSS':>9}")
         for size in args.sizes:
             path = Path(tmp) / f"chat-{size}.jsonl"
             generate(path, size)
@@ -104,7 +114,8 @@ def main() -> None:
                                      capture_output=True, text=True, check=True)
                 r = json.loads(out.stdout.strip().splitlines()[-1])
                 print(f"{r['task']:<7} {r['examples']:>9,} {r['tokens']:>11,} {r['seconds']:>8.1f} "
-                      f"{r['examples_per_s']:>11,} {r['rss_before_mb']:>8,} MB {r['peak_rss_mb']:>6,} MB", flush=True)
+                      f"{r['examples_per_s']:>11,} {r['cpu_s']:>7.1f} {r['examples_per_cpu_s']:>9,} "
+                      f"{r['rss_before_mb']:>8,} MB {r['peak_rss_mb']:>6,} MB", flush=True)
 
 
 if __name__ == "__main__":

@@ -314,12 +314,15 @@ def _stats(observer: _Observer, parameters: int | None) -> DataStats | None:
         return None
     epochs = auto_epochs(lengths.n)
     billed = observer.kept_tokens * epochs
-    flops, device = measure_matmul_flops()
-    seconds = estimate_training_seconds(parameters, billed, flops) if parameters else {}
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    flops, device_name = measure_matmul_flops(device)
+    seconds = estimate_training_seconds(parameters, billed, flops, device) if parameters else {}
     return DataStats(
         examples=lengths.n, tokens_min=min(lengths.counts), tokens_median=lengths.quantile(0.5),
         tokens_p95=lengths.quantile(0.95), tokens_max=max(lengths.counts), total_tokens=observer.kept_tokens,
         trainable_tokens=observer.trainable, max_length=observer.limit,
         truncated_examples=observer.truncated.count, truncated_tokens=observer.truncated_tokens,
-        epochs=epochs, billed_tokens=billed, estimated_seconds=seconds, estimate_device=device,
+        epochs=epochs, billed_tokens=billed, estimated_seconds=seconds, estimate_device=device_name,
     )

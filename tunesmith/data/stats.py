@@ -19,10 +19,12 @@ MAX_TARGET_EXAMPLES = 25_000  # large sets get fewer epochs (at least 1), so ~25
 # Training cost per token, in multiples of the parameter count: forward 2N, backward 4N for full
 # fine-tuning; LoRA skips the weight gradients of the frozen base (backward ~2N).
 FLOPS_PER_TOKEN_PER_PARAM = {"full": 6.0, "lora": 4.0}
-# The share of a plain matrix multiply's speed that a small model's training step reaches: attention,
-# norms, the optimizer and Python overhead eat the rest. Measured on CPU with smollm2-135m (fp32,
-# 512-token batches): one training step took ~3x the time of its FLOPs at matmul speed.
-TRAINING_EFFICIENCY = 0.35
+# The share of a plain matrix multiply's speed that a small model's training step reaches: norms,
+# activations, the softmax over a large vocabulary, the optimizer and Python overhead eat the rest.
+# CPU: measured with smollm2-135m (fp32, 4x256-token batches, full and LoRA) against a 1024x1024
+# fp32 matmul on the same machine: 0.10-0.34 of the matmul speed, 0.15 typical. GPU: small models
+# reach about a third of bf16 matmul speed (an assumption, not a measurement on this project's runs).
+TRAINING_EFFICIENCY = {"cpu": 0.15, "cuda": 0.3}
 
 
 def auto_epochs(n_examples: int) -> int:
@@ -93,6 +95,9 @@ def measure_matmul_flops(device: str | None = None) -> tuple[float, str]:
     """This machine's speed at a float32 (CPU) or bfloat16 (GPU) matrix multiply, in FLOP/s.
 
     Takes a few hundredths of a second; the result is cached per device.
+
+    Returns:
+        (FLOP/s, a description of the device).
     """
     import torch
 
@@ -121,7 +126,15 @@ def measure_matmul_flops(device: str | None = None) -> tuple[float, str]:
 _FLOPS_CACHE: dict[str, tuple[float, str]] = {}
 
 
-def estimate_training_seconds(parameters: int, tokens: int, flops: float) -> dict[str, float]:
-    """Seconds to train ``tokens`` tokens through a model of ``parameters``, per method."""
-    return {method: round(factor * parameters * tokens / (flops * TRAINING_EFFICIENCY), 1)
+def estimate_training_seconds(parameters: int, tokens: int, flops: float, device: str = "cpu") -> dict[str, float]:
+    """Seconds to train ``tokens`` tokens through a model of ``parameters``, per method.
+
+    Args:
+        parameters: the model's parameter count.
+        tokens: tokens trained, all epochs together.
+        flops: the device's matmul speed (:func:`measure_matmul_flops`).
+        device: ``"cpu"`` or ``"cuda"`` (picks the efficiency factor).
+    """
+    efficiency = TRAINING_EFFICIENCY["cpu" if device == "cpu" else "cuda"]
+    return {method: round(factor * parameters * tokens / (flops * efficiency), 1)
             for method, factor in FLOPS_PER_TOKEN_PER_PARAM.items()}
