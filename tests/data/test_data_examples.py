@@ -31,6 +31,7 @@ MALFORMED = [
     ({"messages": []}, "messages: is empty"),
     ({"messages": "hi"}, "messages: must be an array of messages, got a string"),
     ({"messages": [USER, {"content": "x"}]}, "messages[1].role: missing"),
+    ({"messages": [USER, {"role": ["assistant"], "content": "x"}]}, "messages[1].role: must be a string, got an array"),
     ({"messages": [{"role": "user", "content": 42}, ASSISTANT]}, "messages[0].content: must be a string, got a number"),
     ({"messages": [{"role": "user"}, ASSISTANT]}, "messages[0].content: missing"),
     ({"messages": [USER, {"role": "assistant", "content": [{"type": "image_url", "image_url": {}}]}]},
@@ -56,7 +57,7 @@ MALFORMED = [
                    {"role": "tool", "tool_call_id": "c9", "content": "1"}, ASSISTANT]},
      'messages[2].tool_call_id: "c9" matches no tool call'),
     ({"messages": [USER, ASSISTANT], "tools": {"name": "f"}}, "tools: must be an array of tools, got an object"),
-    ({"prompt": "a", "completion": "b"}, "a prompt/completion example, but the file started as OpenAI chat (line 1)"),
+    ({"prompt": "a", "completion": "b"}, "this example is prompt/completion, but the file started as OpenAI chat (line 1)"),
     ({"text": "hello"}, "not a training example in a known format (its keys: text)"),
     ("{not json", "not valid JSON (Expecting property name enclosed in double quotes at column 2)"),
     ('{"messages": [', "not valid JSON"),
@@ -255,6 +256,13 @@ def test_csv_prompt_completion(write):
     assert examples[0].messages == [{"role": "user", "content": 'Say "0"'}, {"role": "assistant", "content": "0, ok"}]
     assert examples[0].line == 2 and examples[-1].line == 11
     assert examples[-1].messages[0]["content"] == "multi\nline"
+
+
+def test_csv_unterminated_quote_is_reported_where_the_row_starts(write):
+    rows = ["prompt,completion"] + [f"q{i},a{i}" for i in range(11)]
+    rows[4] = '"never closed,a'
+    problems = problems_of(write("t.csv", "\n".join(rows) + "\n"), name="t.csv")
+    assert problems[0].startswith("t.csv:5: the row has 1 field but the header has 2")
 
 
 def test_csv_errors(write):

@@ -100,7 +100,10 @@ def tool_call_text(call: dict) -> str:
     function = call.get("function", call)
     arguments = function.get("arguments")
     if isinstance(arguments, str):
-        arguments = json.loads(arguments) if arguments.strip() else {}
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError:
+            pass  # validated data never gets here; a client's malformed call is shown as the string it sent
     body = json.dumps({"name": function.get("name"), "arguments": arguments if arguments is not None else {}},
                       ensure_ascii=False)
     return f"{TOOL_CALL_OPEN}\n{body}\n{TOOL_CALL_CLOSE}"

@@ -75,7 +75,7 @@ class ExampleStream:
             if self.format is None:
                 self.format, self.format_line = fmt, record.line
             elif fmt is not self.format:
-                issues.add(None, f"a {fmt.title} example, but the file started as {self.format.title} "
+                issues.add(None, f"this example is {fmt.title}, but the file started as {self.format.title} "
                            f"(line {self.format_line})", f"use one format in a file: {self.format.example}")
                 continue
             normalised = fmt.normalise(record.value, issues)

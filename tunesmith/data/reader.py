@@ -301,14 +301,16 @@ def _read_csv(path: Path, problems: Problems) -> Iterator[Record]:
         if detect(dict.fromkeys(columns, "")) is None:
             problems.add(header_line, None, f"the CSV header names no known columns ({', '.join(columns)})", CSV_FIX)
             return
-        for row in reader:
+        while True:
+            line = current[0] + 1  # csv reads no further than the row it returns
+            row = next(reader, None)
+            if row is None:
+                return
             if not any(cell.strip() for cell in row):
                 continue
-            # a quoted field may span lines: the row started that many lines before the last one read
-            line = current[0] - sum(cell.count("\n") for cell in row)
             if len(row) != len(columns):
-                problems.add(line, None, f"the row has {len(row)} fields but the header has {len(columns)}",
-                             "quote fields that contain the delimiter or line breaks")
+                problems.add(line, None, f"the row has {len(row)} field{'s' if len(row) != 1 else ''} but the "
+                             f"header has {len(columns)}", "quote fields that contain the delimiter or line breaks")
                 continue
             yield Record(line, dict(zip(columns, row)))
     except csv.Error as exc:

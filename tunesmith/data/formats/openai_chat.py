@@ -55,9 +55,11 @@ def normalise_message(raw, path: str, issues: LineProblems) -> dict | None:
     if role is None:
         issues.add(f"{path}.role", "missing", ROLE_FIX)
         return None
+    if not isinstance(role, str):
+        issues.add(f"{path}.role", f"must be a string, got {describe_type(role)}", ROLE_FIX)
+        return None
     if role not in ROLES:
-        shown = f'"{role}"' if isinstance(role, str) else describe_type(role)
-        issues.add(f"{path}.role", f"unknown role {shown}", ROLE_FIX)
+        issues.add(f"{path}.role", f'unknown role "{role}"', ROLE_FIX)
         return None
     message: dict = {"role": role}
     calls = None

@@ -70,9 +70,11 @@ def _normalise_turn(turn, path: str, issues: LineProblems, index: int) -> dict |
     if speaker is None:
         issues.add(f"{path}.from", "missing", SPEAKER_FIX)
         return None
-    if not isinstance(speaker, str) or speaker.lower() not in SPEAKERS:
-        shown = f'"{speaker}"' if isinstance(speaker, str) else describe_type(speaker)
-        issues.add(f"{path}.from", f"unknown speaker {shown}", SPEAKER_FIX)
+    if not isinstance(speaker, str):
+        issues.add(f"{path}.from", f"must be a string, got {describe_type(speaker)}", SPEAKER_FIX)
+        return None
+    if speaker.lower() not in SPEAKERS:
+        issues.add(f"{path}.from", f'unknown speaker "{speaker}"', SPEAKER_FIX)
         return None
     speaker = speaker.lower()
     if turn.get("value") is None:
