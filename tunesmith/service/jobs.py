@@ -19,6 +19,7 @@ from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.engine import Connection
 
@@ -102,10 +103,14 @@ def _options(request: JobCreate) -> dict[str, Any]:
         raise bad_request(f"Unknown parameter(s): {', '.join(unknown)}. tunesmith settings are: "
                           f"{', '.join(TUNESMITH_FIELDS)}.", param=unknown[0], code="unknown_parameter")
     nested = request.tunesmith.model_dump(exclude_none=True) if request.tunesmith else {}
+    if isinstance(request.method, str):
+        extras["method"] = request.method
     try:
         top = TunesmithOptions.model_validate(extras).model_dump(exclude_none=True)
-    except Exception as exc:  # pydantic's message names the field
-        raise bad_request(f"Invalid tunesmith setting: {exc}", param="tunesmith") from None
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        first = ".".join(str(p) for p in exc.errors()[0]["loc"]) if exc.errors() else None
+        raise bad_request(f"Invalid tunesmith setting: {problems}", param=first) from None
     clash = sorted(k for k in set(nested) & set(top) if nested[k] != top[k])
     if clash:
         raise bad_request(f"{clash[0]} is given twice with different values (top level and in 'tunesmith').",
@@ -115,7 +120,7 @@ def _options(request: JobCreate) -> dict[str, Any]:
 
 def _hyper(request: JobCreate) -> dict[str, Any]:
     """n_epochs/batch_size/learning_rate_multiplier from ``method`` or the legacy ``hyperparameters``."""
-    method = request.method
+    method = request.method if not isinstance(request.method, str) else None
     if method is not None and method.type != "supervised":
         raise bad_request(f"method.type {method.type!r} is not supported: tunesmith trains 'supervised' jobs.",
                           param="method.type", code="unsupported_method")

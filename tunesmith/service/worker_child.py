@@ -25,6 +25,7 @@ from sqlalchemy import insert, select, update
 from tunesmith.errors import TunesmithError
 from tunesmith.service import catalog, db, jobs
 from tunesmith.service.context import ServiceContext
+from tunesmith.service.errors import APIError
 from tunesmith.service.files import add_local_file, path_of
 from tunesmith.service.ids import new_id
 from tunesmith.service.lifeline import die_with_parent, parent_gone
@@ -238,6 +239,9 @@ def run(ctx: ServiceContext, job_id: str, worker_id: str | None) -> int:
         with ctx.engine.begin() as conn:
             jobs.add_event(conn, job_id, "Fine-tuning job started")
         result = train(config, resume=resume, on_event=Reporter(ctx, row, fine_tuned), should_stop=stopper)
+    except APIError as exc:  # the model it starts from was deleted meanwhile, a file is missing, ...
+        jobs.fail(ctx, job_id, exc.code or "invalid_request", exc.message, exc.param, from_statuses=(jobs.RUNNING,))
+        return 0
     except TunesmithError as exc:
         message = exc.message
         problems = [p for p in getattr(exc, "problems", []) if p not in message]

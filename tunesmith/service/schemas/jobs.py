@@ -72,7 +72,8 @@ class JobCreate(BaseModel):
     seed: int | None = None
     metadata: dict[str, str] | None = None
     hyperparameters: Hyperparameters | None = None
-    method: MethodCreate | None = None
+    # OpenAI's method object; a plain string ("lora", "dora", "full") is tunesmith's training method
+    method: Union[MethodCreate, str, None] = None
     integrations: list[dict[str, Any]] | None = None
     tunesmith: TunesmithOptions | None = None
 
