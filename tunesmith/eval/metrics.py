@@ -182,17 +182,19 @@ METRICS: dict[str, Callable[..., Scored]] = {
 }
 
 
-def choose_metric(references: list[str]) -> tuple[str, str]:
+def choose_metric(references: list[str], training_answers: list[str] | None = None) -> tuple[str, str]:
     """Pick a metric from the references; returns (metric, why) for the user.
 
-    Every reference a JSON object → ``json``; a small set of answers that repeat →
-    ``choice``; anything else → ``exact``.
+    Every reference a JSON object → ``json``; a small set of answers that repeat (in the
+    held-out and training answers together) → ``choice``; anything else → ``exact``.
     """
     if references and all(parse_json_answer(r) is not None and r.strip().startswith(("{", "`")) for r in references):
         return "json", "every reference answer is a JSON object"
-    counts = Counter(normalize(r) for r in references)
-    if 2 <= len(counts) <= MAX_CHOICE_LABELS and len(references) >= 2 * len(counts):
-        return "choice", f"the {len(references)} answers take {len(counts)} distinct values (labels)"
+    answers = list(references) + list(training_answers or [])
+    counts = Counter(normalize(r) for r in answers)
+    held = {normalize(r) for r in references}
+    if 2 <= len(counts) <= MAX_CHOICE_LABELS and len(answers) >= 2 * len(counts) and held <= set(counts):
+        return "choice", f"the {len(answers)} answers (held-out and training) take {len(counts)} distinct values"
     return "exact", "the answers are free text"
 
 

@@ -129,11 +129,11 @@ def evaluate(contenders: list[Contender], heldout: str | Path, *, metric: str = 
     cases = cases_from(held_examples, str(heldout))
     references = [c.reference for c in cases]
     notes: list[str] = []
+    train_examples = load_examples(examples_from, min_examples=1) if examples_from is not None else []
     if metric == "auto":
-        metric, reason = choose_metric(references)
+        metric, reason = choose_metric(references, [answer_of(e.messages) for e in train_examples])
     else:
         reason = "chosen with --metric"
-    train_examples = load_examples(examples_from, min_examples=1) if examples_from is not None else []
     labels = _labels(metric, references, train_examples)
     _check_metric_fits(metric, references)
     if any(c.mode == PROMPTED for c in contenders) and shots > 0 and not train_examples:

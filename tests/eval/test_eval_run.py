@@ -1,0 +1,106 @@
+"""Evaluation end to end on a tiny fine-tuned run: reports written, CLI, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tunesmith.eval.split import split_examples
+from tunesmith.eval.synthetic import TASKS, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def task_files(tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("eval-data")
+    split = split_examples(TASKS["ticket-codes"](32, 3), 8, seed=1)
+    return write_jsonl(folder / "train.jsonl", split.train), write_jsonl(folder / "heldout.jsonl", split.heldout)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_path, task_files, tmp_path_factory) -> Path:
+    from tunesmith.train.config import TrainConfig
+    from tunesmith.train.recipe import train
+
+    out = tmp_path_factory.mktemp("runs") / "tiny-lora"
+    result = train(TrainConfig(model=str(tiny_model_path), data=str(task_files[0]), method="lora", epochs=1,
+                               batch_size=4, max_length=96, drop_system=True, out=str(out)))
+    assert result.status == "succeeded"
+    return Path(result.run_dir)
+
+
+def test_eval_on_a_tiny_run_writes_reports(tiny_run, task_files, tmp_path):
+    from tunesmith.eval.plan import plan_eval
+    from tunesmith.eval.report import write_report
+    from tunesmith.eval.runner import evaluate
+
+    plan = plan_eval(tuned=str(tiny_run), base=None, baselines=[], shots=2, examples_from=None)
+    assert plan.examples_from == task_files[0]  # taken from the run's manifest
+    assert [c.mode for c in plan.contenders] == ["tuned", "prompted"]
+    seen = []
+    result = evaluate(plan.contenders, task_files[1], shots=2, examples_from=plan.examples_from,
+                      progress=lambda stage, done, total: seen.append((stage, done, total)))
+    assert result.metric == "choice" and len(result.cases) == 8 and len(result.shots) == 2
+    assert seen[-1] == ("answering", 16, 16)
+    tuned, base = result.results
+    assert tuned.drop_system
+    # the tuned model is asked the bare ticket; the base gets instructions and two worked examples
+    assert tuned.summary()["prompt_tokens_mean"] < 0.5 * base.summary()["prompt_tokens_mean"]
+    payload = write_report(result, tmp_path, str(task_files[1]))
+    for name in ("report.json", "report.md", "comparison.png", "confusion.png"):
+        assert (tmp_path / name).is_file(), name
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["metric"] == "choice" and len(saved["models"]) == 2 and len(saved["answers"]) == 8
+    assert saved["relative"][0]["prompt_tokens_saved"] > 0.5
+    low, score, high = (saved["models"][0][k] for k in ("ci_low", "score", "ci_high"))
+    assert low <= score <= high
+    assert "| model |" in (tmp_path / "report.md").read_text()
+    assert payload["charts"] == ["comparison.png", "confusion.png"]
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "tunesmith", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_eval_cli_end_to_end(tiny_run, task_files, tmp_path):
+    done = _cli("eval", "--tuned", str(tiny_run), "--data", str(task_files[1]), "--shots", "1",
+                "--out", str(tmp_path / "report"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "fewer prompt tokens" in " ".join(done.stdout.split())  # the terminal may wrap lines
+    assert (tmp_path / "report" / "report.md").is_file()
+
+
+def test_cli_bad_input_exits_1_without_traceback(task_files, tmp_path):
+    missing = _cli("eval", "--tuned", "no-such-run", "--data", str(task_files[1]), cwd=tmp_path)
+    assert missing.returncode == 1
+    assert "error:" in missing.stderr and "Traceback" not in missing.stderr
+    bad_metric = _cli("eval", "--tuned", "x", "--data", str(task_files[1]), "--metric", "bleu", cwd=tmp_path)
+    assert bad_metric.returncode == 1 and "unknown metric" in bad_metric.stderr
+    assert "Traceback" not in bad_metric.stderr
+    no_chat = _cli("chat", str(tmp_path / "nothing-here"), "--prompt", "hi", cwd=tmp_path)
+    assert no_chat.returncode == 1 and "Traceback" not in no_chat.stderr
+
+
+def test_data_split_command(task_files, tmp_path):
+    done = _cli("data", "split", str(task_files[0]), "--heldout", "0.25", "--train-out", str(tmp_path / "a.jsonl"),
+                "--heldout-out", str(tmp_path / "b.jsonl"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert len((tmp_path / "a.jsonl").read_text().splitlines()) == 18
+    assert len((tmp_path / "b.jsonl").read_text().splitlines()) == 6
+    assert "stratified over 8 labels" in " ".join(done.stdout.split())
+
+
+def test_bundled_demo_data_is_what_the_generator_writes(tmp_path):
+    from tunesmith.eval import demo
+
+    written = demo.write_demo_data(tmp_path)
+    assert written.train.read_bytes() == demo.TRAIN_FILE.read_bytes()
+    assert written.heldout.read_bytes() == demo.HELDOUT_FILE.read_bytes()
