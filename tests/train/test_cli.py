@@ -92,6 +92,8 @@ def test_not_a_run_and_unfinished_runs(cli, trained, data_dir, tmp_path):
     config, _, _ = trained("lora")
     unfinished = train(quick_config(config.model, data_dir / "train.jsonl", tmp_path / "unfinished"),
                        should_stop=lambda: "pause")
+    code, out, _ = cli("runs", "show", unfinished.run_dir)
+    assert code == 0 and "interrupted (pause)" in out and f"tunesmith train --out {unfinished.run_dir} --resume" in out
     code, _, err = cli("train", "--model", unfinished.run_dir, "--data", data_dir / "more.jsonl")
     assert code == 1 and "never finished" in err
     code, _, err = cli("export", unfinished.run_dir, "--merged", tmp_path / "x")

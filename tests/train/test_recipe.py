@@ -90,17 +90,19 @@ def test_same_seed_same_losses(trained, tmp_path):
                 else b[column] is None
 
 
-def test_interrupted_then_resumed_matches_uninterrupted(trained, tmp_path):
+def test_interrupted_then_resumed_matches_uninterrupted(trained, tmp_path, monkeypatch):
     config, result, _ = trained("lora")  # dropout 0.05: the RNG state must be restored too
-    out = tmp_path / "interrupted"
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "runs" / "interrupted"
     stopped = train(replace(config, out=str(out)), should_stop=_stop_at(step=4))
     assert stopped.status == "interrupted" and stopped.steps == 4 and stopped.reason == "pause"
     assert read_manifest(out)["status"] == "interrupted" and not (out / "final").exists()
     with pytest.raises(TunesmithError, match="never finished"):
         resolve_run(str(out))  # an unfinished run is never mistaken for a model
 
-    events: list = []
-    resumed = train(replace(config, out=str(out)), resume=True, on_event=events.append)
+    events: list = []  # no --out: the newest unfinished run of this model, data and method under ./runs
+    resumed = train(replace(config, out=None), resume=True, on_event=events.append)
+    assert resumed.run_dir == out
     assert resumed.status == "succeeded" and resumed.steps == 6
     assert any("resumed from checkpoints/step-4" in e.message for e in events)
     expected, got = read_metrics(result.run_dir / "metrics.csv"), read_metrics(out / "metrics.csv")
