@@ -63,6 +63,14 @@ class ExampleStream:
         self.records = 0
 
     def __iter__(self) -> Iterator[Example]:
+        try:
+            yield from self._examples()
+        except (OSError, MemoryError) as exc:  # unreadable file (permissions, I/O), or a line too large
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+            raise DataError(f"cannot read {self.problems.name}: {reason}",
+                            hint="check that the file is readable and is a text data file") from exc
+
+    def _examples(self) -> Iterator[Example]:
         for record in read_records(self.path, self.problems):
             self.records += 1
             issues = self.problems.at(record.line, record.prefix)
@@ -78,7 +86,12 @@ class ExampleStream:
                 issues.add(None, f"this example is {fmt.title}, but the file started as {self.format.title} "
                            f"(line {self.format_line})", f"use one format in a file: {self.format.example}")
                 continue
-            normalised = fmt.normalise(record.value, issues)
+            try:
+                normalised = fmt.normalise(record.value, issues)
+            except Exception as exc:  # a shape no check foresaw: report it at its line rather than crash
+                issues.add(None, f"cannot read this example ({type(exc).__name__}: {exc})",
+                           f"compare it with the {fmt.title} format: {fmt.example}")
+                continue
             if normalised is not None:
                 yield Example(record.line, normalised.messages, normalised.tools)
 
