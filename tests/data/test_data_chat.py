@@ -16,7 +16,8 @@ from tunesmith.data import (
     parse_tool_calls,
     render_prompt,
 )
-from tunesmith.data.chat import assistant_text, renderer_for, template_messages
+from tunesmith.data.chat import renderer_for
+from tunesmith.data.messages import assistant_text, template_messages
 from tunesmith.errors import TunesmithError
 from tunesmith.models.loading import load_tokenizer
 

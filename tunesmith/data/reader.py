@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from tunesmith.data.problems import LineProblems, Problems, describe_type
+from tunesmith.data.problems import Problems, describe_type
 from tunesmith.errors import NotFoundError
 
 SNIFF_BYTES = 64 * 1024
