@@ -59,7 +59,6 @@ class EncodedExample:
         return sum(1 for label in self.labels if label != IGNORE_INDEX)
 
 
-
 def _weight(message: dict) -> int:
     weight = message.get("weight")
     return 1 if weight is None else int(weight)
