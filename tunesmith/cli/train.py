@@ -145,6 +145,8 @@ class TrainingView:
             self.progress.console.print(f"[dim]checkpoint step {event.data['step']} → {event.data['path']}[/]")
         elif "resolved" in event.data:
             self.progress.console.print(resolved_table(event.data["resolved"], SHOWN_AT_START))
+        elif "reason" in event.data or "final_dir" in event.data:
+            return  # the end of the run: show_result says it, with what to do next
         else:
             self.progress.console.print(event.message, highlight=False, markup=False)
 
@@ -181,7 +183,7 @@ def resolved_table(resolved: dict, keys: tuple[str, ...] | None = None) -> Table
 
 def show_result(result, seconds: float) -> None:
     """The end of a run: where the result is, or how to resume."""
-    metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if v is not None)
+    metrics = ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in result.metrics.items() if v is not None)
     if result.status == "succeeded":
         console.print(f"[green]done[/] in {seconds:.0f}s: {result.steps} steps, {result.trained_tokens} tokens; "
                       f"{metrics}", highlight=False)
