@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from sqlalchemy import (JSON, Column, Float, ForeignKey, Index, Integer, MetaData, String, Table, Text,
+from sqlalchemy import (JSON, BigInteger, Column, Float, ForeignKey, Index, Integer, MetaData, String, Table, Text,
                         create_engine, event, insert, select, text)
 from sqlalchemy.engine import Connection, Engine
 
@@ -20,7 +20,7 @@ metadata = MetaData()
 schema_version = Table(
     "schema_version", metadata,
     Column("version", Integer, primary_key=True, autoincrement=False),
-    Column("applied_at", Integer, nullable=False),
+    Column("applied_at", BigInteger, nullable=False),
     Column("description", String(200), nullable=False),
 )
 
@@ -29,7 +29,7 @@ projects = Table(
     Column("seq", Integer, primary_key=True, autoincrement=True),
     Column("id", String(64), unique=True, nullable=False),
     Column("name", String(64), unique=True, nullable=False),
-    Column("created_at", Integer, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
 )
 
 api_keys = Table(
@@ -40,8 +40,8 @@ api_keys = Table(
     Column("name", String(200), nullable=True),
     Column("key_hash", String(64), unique=True, nullable=False),
     Column("redacted", String(32), nullable=False),
-    Column("created_at", Integer, nullable=False),
-    Column("revoked_at", Integer, nullable=True),
+    Column("created_at", BigInteger, nullable=False),
+    Column("revoked_at", BigInteger, nullable=True),
 )
 
 files = Table(
@@ -51,11 +51,11 @@ files = Table(
     Column("project_id", String(64), ForeignKey("projects.id"), nullable=False, index=True),
     Column("filename", String(512), nullable=False),
     Column("purpose", String(32), nullable=False),
-    Column("bytes", Integer, nullable=False),
+    Column("bytes", BigInteger, nullable=False),
     Column("sha256", String(64), nullable=False, index=True),
     Column("status", String(16), nullable=False),
     Column("status_details", Text, nullable=True),
-    Column("created_at", Integer, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
 )
 
 jobs = Table(
@@ -79,17 +79,17 @@ jobs = Table(
     Column("fine_tuned_model", String(512), nullable=True, unique=True),
     Column("run_dir", Text, nullable=True),
     Column("final_dir", Text, nullable=True),
-    Column("trained_tokens", Integer, nullable=True),
-    Column("estimated_finish", Integer, nullable=True),
+    Column("trained_tokens", BigInteger, nullable=True),
+    Column("estimated_finish", BigInteger, nullable=True),
     Column("result_files", JSON, nullable=False),
-    Column("created_at", Integer, nullable=False),
-    Column("started_at", Integer, nullable=True),
-    Column("finished_at", Integer, nullable=True),
+    Column("created_at", BigInteger, nullable=False),
+    Column("started_at", BigInteger, nullable=True),
+    Column("finished_at", BigInteger, nullable=True),
     Column("worker_id", String(256), nullable=True),
     Column("heartbeat_at", Float, nullable=True),
     Column("attempts", Integer, nullable=False, default=0),
     Column("resume", Integer, nullable=False, default=0),  # 1: continue the run from its last checkpoint
-    Column("model_deleted_at", Integer, nullable=True),
+    Column("model_deleted_at", BigInteger, nullable=True),
 )
 
 job_events = Table(
@@ -97,7 +97,7 @@ job_events = Table(
     Column("seq", Integer, primary_key=True, autoincrement=True),
     Column("id", String(64), unique=True, nullable=False),
     Column("job_id", String(64), ForeignKey("jobs.id"), nullable=False),
-    Column("created_at", Integer, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
     Column("level", String(8), nullable=False),
     Column("type", String(16), nullable=False),
     Column("message", Text, nullable=False),
@@ -115,9 +115,9 @@ job_metrics = Table(
     Column("train_accuracy", Float, nullable=True),
     Column("valid_loss", Float, nullable=True),
     Column("valid_mean_token_accuracy", Float, nullable=True),
-    Column("tokens", Integer, nullable=True),
+    Column("tokens", BigInteger, nullable=True),
     Column("elapsed", Float, nullable=True),
-    Column("created_at", Integer, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
 )
 
 checkpoints = Table(
@@ -130,8 +130,8 @@ checkpoints = Table(
     Column("path", Text, nullable=False),
     Column("metrics", JSON, nullable=False),
     Column("fine_tuned_model_checkpoint", String(512), unique=True, nullable=False),
-    Column("created_at", Integer, nullable=False),
-    Column("deleted_at", Integer, nullable=True),
+    Column("created_at", BigInteger, nullable=False),
+    Column("deleted_at", BigInteger, nullable=True),
 )
 
 

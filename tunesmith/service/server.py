@@ -76,8 +76,34 @@ class WorkerPool:
             self._thread.join()
 
 
+def check_port(host: str, port: int) -> None:
+    """Raises TunesmithError when ``host:port`` cannot be listened on (before any worker starts)."""
+    import socket
+
+    from tunesmith.errors import TunesmithError
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise TunesmithError(f"cannot listen on {host}: {exc}", "pass --host 127.0.0.1 or another address",
+                             param="host") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise TunesmithError(f"cannot listen on {host}:{port}: {exc.strerror}",
+                                 "is another server running there? pass --port with a free port",
+                                 param="port") from None
+
+
 def serve(host: str, port: int, workers: int, log_level: str = "info") -> None:
-    """Run the API with ``workers`` worker processes until interrupted."""
+    """Run the API with ``workers`` worker processes until interrupted.
+
+    Raises:
+        TunesmithError: invalid settings, or the address is taken.
+    """
     import uvicorn
 
     from tunesmith.service.app import create_app
@@ -85,6 +111,7 @@ def serve(host: str, port: int, workers: int, log_level: str = "info") -> None:
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     ctx = ServiceContext.from_env()
+    check_port(host, port)
     app = create_app(ctx)
     pool = WorkerPool(workers, ctx.settings.pause_grace_s)
     # uvicorn re-raises the signal that stopped it once it has shut down; with the default
