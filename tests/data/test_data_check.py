@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 
 import pytest
@@ -128,3 +129,23 @@ def test_pack_examples_never_splits_and_restarts_positions():
 def test_pack_examples_refuses_an_example_longer_than_the_budget():
     with pytest.raises(TunesmithError, match="more than the packing length 4"):
         pack_examples([_encoded(5, 0)], max_length=4)
+
+
+def test_a_conversation_the_template_refuses_is_a_problem_at_its_line(write, tiny_model_path, tmp_path):
+    folder = tmp_path / "no-tools-model"
+    shutil.copytree(tiny_model_path, folder)
+    # ChatML that, like some models' own templates, raises on a role it does not know
+    (folder / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tool role') }}{% endif %}"
+        "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    records = good_records(12)
+    records[3] = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": [call]},
+                               {"role": "tool", "tool_call_id": "c1", "content": "1"},
+                               {"role": "assistant", "content": "one"}]}
+    report = check_file(write("t.jsonl", records), model=str(folder), name="t.jsonl")
+    assert report.errors == ["t.jsonl:4: messages: the chat template cannot render this conversation: no tool role — "
+                             "the model's chat template decides which roles and turn orders it accepts (some require "
+                             "user/assistant alternation): adapt the conversation or the model"]
+    assert report.stats.examples == 11

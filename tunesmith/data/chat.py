@@ -111,7 +111,8 @@ class ChatRenderer:
                                                       add_generation_prompt=generation_prompt)
         except Exception as exc:  # jinja's TemplateError / raise_exception in a model's own template
             raise TemplateError(f"the chat template cannot render this conversation: {exc}",
-                                "check the order of roles (some templates require user/assistant alternation)") from exc
+                                "the model's chat template decides which roles and turn orders it accepts "
+                                "(some require user/assistant alternation): adapt the conversation or the model") from exc
 
     def _fast_template(self):
         """The template compiled by transformers, called directly, when it renders exactly as
@@ -128,20 +129,25 @@ class ChatRenderer:
             compiled = _compile_jinja_template(self.template)
         except Exception:
             return None
-        self._compiled, public = compiled, None
-        try:
-            for probe in _PROBES:
-                for k in range(1, len(probe) + 1):
-                    for generation_prompt in (False, True):
-                        public = self.tokenizer.apply_chat_template(probe[:k], tokenize=False,
-                                                                    add_generation_prompt=generation_prompt)
-                        if self.render(probe[:k], generation_prompt=generation_prompt) != public:
-                            return None
-        except Exception:
-            return None
-        finally:
-            self._compiled = None
+        for probe in _PROBES:
+            for k in range(1, len(probe) + 1):
+                for generation_prompt in (False, True):
+                    public = self._outcome(lambda: self.tokenizer.apply_chat_template(
+                        probe[:k], tokenize=False, add_generation_prompt=generation_prompt))
+                    direct = self._outcome(lambda: compiled.render(
+                        messages=probe[:k], tools=None, documents=None, add_generation_prompt=generation_prompt,
+                        **self._template_kwargs))
+                    if direct != public:
+                        return None
         return compiled
+
+    @staticmethod
+    def _outcome(render) -> str | type:
+        """The rendered text, or the type of the error rendering raised."""
+        try:
+            return render()
+        except Exception as exc:
+            return type(exc)
 
     def render_with_spans(self, messages: list[dict], tools: list[dict] | None = None
                           ) -> tuple[str, list[tuple[int, int]]]:
@@ -189,9 +195,18 @@ class ChatRenderer:
                              "(prefix-stable), such as the model's own ChatML or tunesmith's gemma-turns")
 
     def _check_prefix_stable(self) -> None:
-        """Render probe conversations turn by turn; generation prompts must match training text."""
+        """Render probe conversations turn by turn; generation prompts must match training text.
+
+        A probe the template refuses (say, one with a tool turn) is skipped: conversations
+        like it are then reported one by one, at their lines.
+        """
+        checked = 0
         for probe in _PROBES:
-            full = self.render(probe)
+            try:
+                full = self.render(probe)
+            except TemplateError:
+                continue
+            checked += 1
             for j, message in enumerate(probe):
                 if message["role"] != "assistant":
                     continue
@@ -201,6 +216,8 @@ class ChatRenderer:
                     raise self._unstable(f"the first {j + 1} messages do not render as a prefix of the whole")
                 if not through.startswith(asked + message["content"] + self.end_of_turn):
                     raise self._unstable("the generation prompt is not the text before an assistant answer")
+        if not checked:
+            raise self._unstable("it refuses every probe conversation")
 
 
 _PROBES = [
@@ -208,7 +225,8 @@ _PROBES = [
      {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"},
      {"role": "assistant", "content": "Goodbye."}],
     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
-     {"role": "user", "content": "Call it"}, {"role": "assistant", "content": "<tool_call>\n{}\n</tool_call>"},
+     {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye."}],
+    [{"role": "user", "content": "Call it"}, {"role": "assistant", "content": "<tool_call>\n{}\n</tool_call>"},
      {"role": "tool", "content": "{\"ok\": true}"}, {"role": "assistant", "content": "Done."}],
 ]
 _RENDERERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
