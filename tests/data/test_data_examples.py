@@ -239,6 +239,10 @@ def test_json_array_errors(write):
     records[4] = json.dumps({"messages": [USER, {"role": "bot", "content": "x"}]})
     problems = problems_of(write("t.json", "[\n" + ",\n".join(records) + "\n]"), name="t.json")
     assert problems == ['t.json:6: [4].messages[1].role: unknown role "bot" — use system, user, assistant or tool']
+    records[4] = '{"prompt": "\\udc80 lone", "completion": "x"}'
+    problems = problems_of(write("t.json", "[\n" + ",\n".join(records) + "\n]"), name="t.json")
+    assert problems == ["t.json:6: [4]: a string holds a lone UTF-16 surrogate escape (like \\ud800), not text — "
+                        "write characters as UTF-8 or as complete \\u escape pairs"]
     broken = "[\n" + ",\n".join(records[:3]) + ",\n{oops}\n]"
     problems = problems_of(write("t.json", broken), name="t.json")
     assert problems[0].startswith("t.json:5: [3]: not valid JSON")

@@ -9,6 +9,7 @@ model raise :class:`~tunesmith.errors.TunesmithError`.
 
 from __future__ import annotations
 
+import functools
 import json
 from array import array
 from bisect import bisect_left
@@ -203,6 +204,21 @@ def _count_parameters(path: Path) -> int | None:
     return total or None
 
 
+def _tokenizer(model_path: Path):
+    """The model's tokenizer, loaded once per folder version (a Gemma tokenizer takes seconds;
+    the service checks every upload)."""
+    files = [model_path / name for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")]
+    version = tuple(f.stat().st_mtime_ns if f.exists() else 0 for f in files)
+    return _load_tokenizer_cached(str(model_path.resolve()), version)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_tokenizer_cached(path: str, version: tuple):
+    from tunesmith.models.loading import load_tokenizer
+
+    return load_tokenizer(Path(path))
+
+
 def check_file(path: str | Path, *, model: str = "smollm2-135m", max_length: int | None = None,
                name: str | None = None, progress: Callable[[int], None] | None = None) -> DataReport:
     """Validate a data file and compute its statistics with ``model``'s tokenizer and chat template.
@@ -221,7 +237,6 @@ def check_file(path: str | Path, *, model: str = "smollm2-135m", max_length: int
         NotFoundError: the file or the model does not exist.
         TunesmithError: the model cannot be prepared or its template cannot be masked.
     """
-    from tunesmith.models.loading import load_tokenizer
     from tunesmith.models.store import resolve_model
 
     path = Path(path)
@@ -230,8 +245,7 @@ def check_file(path: str | Path, *, model: str = "smollm2-135m", max_length: int
     if max_length is not None and max_length < 1:
         raise TunesmithError(f"--max-length must be at least 1, got {max_length}", param="max_length")
     prepared = resolve_model(model)
-    tokenizer = load_tokenizer(prepared.path)
-    renderer = renderer_for(tokenizer)
+    renderer = renderer_for(_tokenizer(prepared.path))
     context, parameters = model_limits(prepared.path)
     limit = min(x for x in (max_length, context) if x is not None) if (max_length or context) else 10**9
     stream = ExampleStream(path, name=name)
