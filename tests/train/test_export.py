@@ -13,6 +13,9 @@ from tunesmith.models.export import export_merged
 from tunesmith.models.loading import load_causal_lm, load_tokenizer
 from tunesmith.models.store import read_info
 
+# peft calls a helper that transformers 5 marks deprecated when loading adapters
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing")
+
 CPU = torch.device("cpu")
 
 

@@ -13,10 +13,14 @@ import torch
 from trainhelpers import quick_config
 from tunesmith.errors import TunesmithError
 from tunesmith.models.loading import load_causal_lm, load_tokenizer
+from tunesmith.models.store import read_info
 from tunesmith.train import batches
 from tunesmith.train.metrics import COLUMNS, read_metrics
 from tunesmith.train.recipe import evaluate, token_loss, train, train_step
 from tunesmith.train.runs import read_manifest, resolve_run
+
+# peft calls a helper that transformers 5 marks deprecated when loading adapters
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing")
 
 CPU = torch.device("cpu")
 
@@ -200,15 +204,17 @@ def test_validation_split_and_accumulation_run(tiny_model_path, data_dir, tmp_pa
     assert result.metrics["valid_loss"] is not None
 
 
-def test_model_without_chat_template_trains_with_its_turn_tokens(tiny_gemma_path, data_dir, tmp_path):
-    config = quick_config(tiny_gemma_path, data_dir / "train.jsonl", tmp_path / "run", epochs=1, batch_size=12)
+def test_model_without_chat_template_trains_with_its_turn_tokens(tiny_gemma_path, gemma3_path, data_dir, tmp_path):
+    # drop_system keeps the examples short: this model's 262k-token output layer dominates the cost
+    config = quick_config(tiny_gemma_path, data_dir / "train.jsonl", tmp_path / "run", epochs=1, batch_size=12,
+                          drop_system=True)
     result = train(config)
     manifest = read_manifest(result.run_dir)
+    assert manifest["drop_system"] is True
     assert manifest["chat_template_source"] == "tunesmith:gemma-turns" and manifest["end_of_turn"] == "<end_of_turn>"
     final = result.final_dir
     assert "<start_of_turn>" in (final / "chat_template.jinja").read_text()
-    tokenizer = load_tokenizer(final)
-    generation = json.loads((final / "generation_config.json").read_text())
-    eos = generation["eos_token_id"]
-    assert tokenizer.convert_tokens_to_ids("<end_of_turn>") == (eos[0] if isinstance(eos, list) else eos)
+    end_of_turn_id = read_info(gemma3_path).eos_token_ids[0]  # the id of <end_of_turn> (loading this tokenizer is slow)
+    eos = json.loads((final / "generation_config.json").read_text())["eos_token_id"]
+    assert (eos[0] if isinstance(eos, list) else eos) == end_of_turn_id
     assert json.loads((final / "tunesmith_run.json").read_text())["chat_template_source"] == "tunesmith:gemma-turns"
