@@ -118,6 +118,29 @@ def test_interrupted_then_resumed_matches_uninterrupted(trained, tmp_path, monke
     assert resumed.trained_tokens == result.trained_tokens
 
 
+def test_crashed_run_resumes_from_its_last_checkpoint(trained, tmp_path):
+    config, result, _ = trained("lora")
+    out = tmp_path / "crashed"
+
+    def crash_at_step_5(calls={"n": 0}):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("the machine went away")
+
+    with pytest.raises(RuntimeError):
+        train(replace(config, out=str(out)), should_stop=crash_at_step_5)
+    manifest = read_manifest(out)
+    assert manifest["status"] == "failed" and "went away" in manifest["error"]
+    assert len(read_metrics(out / "metrics.csv")) == 5  # steps 4 and 5 were never checkpointed
+
+    resumed = train(replace(config, out=str(out)), resume=True)  # from step-3, the end of epoch 1
+    expected, got = read_metrics(result.run_dir / "metrics.csv"), read_metrics(out / "metrics.csv")
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(expected, got):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], abs=1e-5)
+    assert resumed.status == "succeeded"
+
+
 def _stop_at(step: int):
     calls = {"n": 0}
 
