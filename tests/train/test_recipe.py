@@ -141,6 +141,22 @@ def test_crashed_run_resumes_from_its_last_checkpoint(trained, tmp_path):
     assert resumed.status == "succeeded"
 
 
+def test_resume_keeps_the_runs_automatic_batch_size(tiny_model_path, tmp_path, monkeypatch):
+    from trainhelpers import code_book_examples, write_jsonl
+
+    from tunesmith.train import hyperparams
+
+    data = write_jsonl(tmp_path / "64.jsonl", code_book_examples(64))
+    config = quick_config(tiny_model_path, data, tmp_path / "run", epochs=1, batch_size="auto")
+    first = train(config, should_stop=_stop_at(step=2))
+    assert first.resolved["batch_size"] == 2  # 64 examples
+    monkeypatch.setattr(hyperparams, "free_memory", lambda device: 1)  # now "auto" would pick 1
+    events: list = []
+    again = train(config, resume=True, on_event=events.append, should_stop=_stop_at(step=1))
+    assert again.resolved["batch_size"] == 2 and again.steps == 3
+    assert any("batch_size 2 kept from the run" in e.message for e in events)
+
+
 def _stop_at(step: int):
     calls = {"n": 0}
 

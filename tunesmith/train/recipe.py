@@ -41,6 +41,9 @@ from tunesmith.train.runs import (
 from tunesmith.train.source import ModelSource, resolve_source
 
 EVALUATIONS_PER_RUN = 5
+# Resolved values that fix the sequence of steps: a resumed run keeps the ones it started with.
+RESOLVED_LOCKED = ("n_epochs", "batch_size", "learning_rate_multiplier", "learning_rate", "steps_per_epoch",
+                   "total_steps", "warmup_steps", "eval_every_steps")
 WEIGHT_DECAY = 0.0  # small data, few steps: decay only fights the fit; adapters start at zero anyway
 
 
@@ -159,6 +162,8 @@ class _Session:
         # 5. "auto" → numbers, printed and saved.
         resolved = resolve_hyperparameters(config, method, model, training, device, source,
                                            pad_token_id=tokenizer.pad_token_id)
+        if resume and is_run_dir(self.run_dir):
+            resolved = self.keep_run_schedule(resolved)
         self.say("resolved hyperparameters: " + ", ".join(f"{k}={v}" for k, v in _shown(resolved).items()),
                  {"resolved": resolved})
         # 6. Optimizer and schedule over the trainable weights only.
@@ -176,6 +181,17 @@ class _Session:
         # 9. The final model, then the manifest that says it is one.
         final = self.save_final(model, tokenizer, source, resolved)
         return self.succeeded(final, progress, metrics, resolved, load_seconds)
+
+    def keep_run_schedule(self, resolved: dict) -> dict:
+        """On resume, the values that shape the run's steps come from the run, not from "auto" now
+        (free memory, say, may have changed the automatic batch size since)."""
+        saved = read_manifest(self.run_dir).get("resolved") or {}
+        kept = dict(resolved)
+        for key in RESOLVED_LOCKED:
+            if key in saved and saved[key] != resolved.get(key):
+                self.say(f"{key} {saved[key]} kept from the run (now it would be {resolved.get(key)})")
+                kept[key] = saved[key]
+        return kept
 
     # ---------------------------------------------------------------- the loop
     def fit(self, model, optimizer, scheduler, training: data.TrainingData, resolved: dict,
