@@ -51,6 +51,10 @@ MALFORMED = [
      "messages[1].tool_calls[0].function.arguments: must be a JSON string, got an object"),
     ({"messages": [USER, {"role": "assistant", "tool_calls": [{"type": "function", "function": {"arguments": "{}"}}]}]},
      "messages[1].tool_calls[0].function.name: missing or empty"),
+    ({"messages": [USER, {"role": "assistant", "function_call": {"name": "f", "arguments": "nope"}}]},
+     "messages[1].function_call.arguments: not valid JSON"),
+    ({"messages": [USER, {"role": "assistant", "content": "", "tool_calls": []}]},
+     "messages[1].content: the assistant message is empty"),
     ({"messages": [USER, {"role": "tool", "content": "42"}, ASSISTANT]},
      "messages[1]: a tool result with no assistant tool call before it"),
     ({"messages": [USER, {"role": "assistant", "tool_calls": [CALL]},
@@ -134,6 +138,24 @@ def test_missing_file_and_folder(tmp_path):
 
 
 # --- formats -------------------------------------------------------------------------------------
+
+def test_legacy_function_calling_and_empty_tool_calls(write):
+    record = {
+        "functions": [{"name": "f", "parameters": {"type": "object"}}],
+        "messages": [
+            {"role": "user", "content": "x?"},
+            {"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": '{"x": 1}'}},
+            {"role": "function", "name": "f", "content": "2"},
+            {"role": "assistant", "content": "It is 2.", "tool_calls": []},
+        ],
+    }
+    ex = load_examples(write("t.jsonl", [record] * 10))[0]
+    assert ex.tools == [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    assert ex.messages[1] == {"role": "assistant", "content": "",
+                              "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}]}
+    assert ex.messages[2] == {"role": "tool", "content": "2", "name": "f"}
+    assert ex.messages[3] == {"role": "assistant", "content": "It is 2."}
+
 
 def test_openai_chat_with_tools_parts_and_weights(write):
     record = {

@@ -91,6 +91,22 @@ def check_tool_calls(value, path: str, issues: LineProblems) -> list[dict] | Non
     return calls if ok else None
 
 
+def check_function_call(value, path: str, issues: LineProblems) -> list[dict] | None:
+    """The deprecated assistant ``function_call`` ``{"name": …, "arguments": "{…}"}`` as one tool call."""
+    if not isinstance(value, dict):
+        issues.add(path, f"must be an object, got {describe_type(value)}",
+                   'use "tool_calls": [{"type": "function", "function": {"name": "…", "arguments": "{…}"}}]')
+        return None
+    name = value.get("name")
+    ok = isinstance(name, str) and bool(name.strip())
+    if not ok:
+        issues.add(f"{path}.name", "missing or empty", "give the name of the function called")
+    arguments = _check_arguments(value.get("arguments"), f"{path}.arguments", issues)
+    if not ok or arguments is None:
+        return None
+    return [{"type": "function", "function": {"name": name, "arguments": arguments}}]
+
+
 def _check_arguments(value, path: str, issues: LineProblems) -> str | None:
     """Tool-call arguments: a string holding a JSON object (as OpenAI sends them)."""
     if value is None:

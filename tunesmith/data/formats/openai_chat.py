@@ -3,16 +3,25 @@
 The format of OpenAI's chat fine-tuning: roles system/user/assistant/tool,
 assistant ``tool_calls`` whose ``arguments`` are JSON strings, an optional
 ``weight`` (0|1) on assistant messages, optional ``tools`` (function schemas).
-Content may be a string or a list of text parts, which are joined.
+Content may be a string or a list of text parts, which are joined. The deprecated
+function-calling fields (``functions``, assistant ``function_call``, role
+``function``) are read as tools, one tool call and role ``tool``.
 """
 
 from __future__ import annotations
 
 from tunesmith.data.formats.base import Normalised, check_weight, text_content
-from tunesmith.data.formats.conversation import ROLES, check_conversation, check_tool_calls, check_tools
+from tunesmith.data.formats.conversation import (
+    ROLES,
+    check_conversation,
+    check_function_call,
+    check_tool_calls,
+    check_tools,
+)
 from tunesmith.data.problems import LineProblems, describe_type
 
 ROLE_FIX = "use system, user, assistant or tool"
+LEGACY_ROLES = {"function": "tool"}  # OpenAI's deprecated function-calling format
 ASSISTANT_FIX = 'add the answer to learn: {"role": "assistant", "content": "…"}'
 
 
@@ -35,13 +44,28 @@ class OpenAIChat:
             issues.add("messages", "is empty", "add at least a user message and an assistant message")
             return None
         messages = [normalise_message(m, f"messages[{i}]", issues) for i, m in enumerate(raw)]
-        tools = check_tools(record["tools"], "tools", issues) if record.get("tools") is not None else None
+        tools = _tools(record, issues)
         if issues.count > before:
             return None
         if not check_conversation(messages, [f"messages[{i}]" for i in range(len(messages))], "messages",
                                   issues, assistant_fix=ASSISTANT_FIX):
             return None
         return Normalised(messages, tools)
+
+
+def _tools(record: dict, issues: LineProblems) -> list[dict] | None:
+    """``tools``, or the deprecated ``functions`` (bare function schemas) in the ``tools`` shape."""
+    if record.get("tools") is not None:
+        return check_tools(record["tools"], "tools", issues)
+    functions = record.get("functions")
+    if functions is None:
+        return None
+    if not isinstance(functions, list):
+        issues.add("functions", f"must be an array of function schemas, got {describe_type(functions)}",
+                   'use "tools": [{"type": "function", "function": {"name": "…", "parameters": {…}}}]')
+        return None
+    return check_tools([{"type": "function", "function": f} if isinstance(f, dict) else f for f in functions],
+                       "functions", issues)
 
 
 def normalise_message(raw, path: str, issues: LineProblems) -> dict | None:
@@ -58,25 +82,20 @@ def normalise_message(raw, path: str, issues: LineProblems) -> dict | None:
     if not isinstance(role, str):
         issues.add(f"{path}.role", f"must be a string, got {describe_type(role)}", ROLE_FIX)
         return None
+    role = LEGACY_ROLES.get(role, role)
     if role not in ROLES:
         issues.add(f"{path}.role", f'unknown role "{role}"', ROLE_FIX)
         return None
     message: dict = {"role": role}
-    calls = None
-    if raw.get("tool_calls") is not None:
-        if role == "assistant":
-            calls = check_tool_calls(raw["tool_calls"], f"{path}.tool_calls", issues)
-        else:
-            issues.add(f"{path}.tool_calls", f"only assistant messages make tool calls, this one is {role}",
-                       "move the tool_calls to an assistant message")
+    calls = _tool_calls(raw, path, role, issues)
     content = raw.get("content")
     if content is None:
-        if role != "assistant" or raw.get("tool_calls") is None:
+        if calls == []:  # (None: the calls had problems, already reported)
             issues.add(f"{path}.content", "missing", f'give the {role} message its text: "content": "…"')
         text = ""
     else:
         text = text_content(content, f"{path}.content", issues)
-    if role == "assistant" and text == "" and raw.get("tool_calls") is None:
+    if role == "assistant" and text == "" and calls == []:
         issues.add(f"{path}.content", "the assistant message is empty",
                    "give it the answer to learn, or remove the message")
     if "weight" in raw:
@@ -93,6 +112,24 @@ def normalise_message(raw, path: str, issues: LineProblems) -> dict | None:
     if calls:
         message["tool_calls"] = calls
     return _ordered(message)
+
+
+def _tool_calls(raw: dict, path: str, role: str, issues: LineProblems) -> list[dict] | None:
+    """The message's tool calls in OpenAI's shape: [] when it makes none, None when they have problems.
+
+    An empty ``tool_calls`` array means no calls; the deprecated ``function_call`` object is one call.
+    """
+    value, legacy = raw.get("tool_calls"), raw.get("function_call")
+    if (value is None or value == []) and legacy is None:
+        return []
+    if role != "assistant":
+        key = "tool_calls" if value else "function_call"
+        issues.add(f"{path}.{key}", f"only assistant messages make tool calls, this one is {role}",
+                   "move the call to an assistant message")
+        return None
+    if value:
+        return check_tool_calls(value, f"{path}.tool_calls", issues)
+    return check_function_call(legacy, f"{path}.function_call", issues)
 
 
 def _copy_strings(raw: dict, message: dict, path: str, issues: LineProblems, keys: tuple[str, ...]) -> None:
