@@ -12,7 +12,7 @@ from rich.table import Table
 
 from tunesmith.models.registry import DEFAULT_MODEL
 
-data_app = typer.Typer(help="Training data: check a file (errors, warnings, token statistics), convert it.",
+data_app = typer.Typer(help="Training data: check a file (errors, warnings, token statistics), convert or split it.",
                        no_args_is_help=True)
 console = Console()
 MAX_ERRORS_SHOWN = 50
