@@ -164,6 +164,8 @@ def resolve_run(ref: str, *, require_finished: bool = True) -> Run:
         if path.is_dir():
             raise TunesmithError(f"{path} is not a tunesmith run (no {MANIFEST})",
                                  "pass a run folder written by tunesmith train, or a name from: tunesmith runs list")
+        if os.sep in ref:
+            raise NotFoundError(f"run folder {path} does not exist", "see: tunesmith runs list")
         roots = " or ".join(str(r) for r in run_roots())
         raise NotFoundError(f"no run called {ref!r} (looked in {roots})", "see: tunesmith runs list")
     run = Run(found.resolve(), read_manifest(found))
