@@ -40,6 +40,8 @@ def test_conflicting_settings(tiny_model_path, tmp_path):
     problems = config.problems()
     assert any(p.startswith("validation_split:") for p in problems)
     assert any(p.startswith("use_rslora:") for p in problems)
+    assert any(p.startswith("replay:") for p in
+               TrainConfig(model=str(tiny_model_path), data=str(data), replay=1.0).problems())
 
 
 def test_from_dict_round_trip_and_unknown_keys(tmp_path):

@@ -99,3 +99,33 @@ def test_conflicting_adapter_settings_are_refused(trained, data_dir, tmp_path):
     _, parent, _ = trained("lora")
     with pytest.raises(TunesmithError, match="lora_r"):
         train(quick_config(str(parent.run_dir), data_dir / "more.jsonl", tmp_path / "child", lora_r=8))
+
+
+def test_continuing_replays_the_earlier_training_data(trained, data_dir, tmp_path):
+    _, parent, _ = trained("lora")
+    events: list = []
+    child = train(quick_config(str(parent.run_dir), data_dir / "more.jsonl", tmp_path / "child", epochs=1),
+                  on_event=events.append)
+    assert child.resolved["n_replay_examples"] == 12 and child.resolved["n_train_examples"] == 24
+    assert any("replaying 12 examples of the earlier training data" in e.message for e in events)
+    alone = train(quick_config(str(parent.run_dir), data_dir / "more.jsonl", tmp_path / "alone", epochs=1,
+                               replay=0.0))
+    assert alone.resolved["n_replay_examples"] == 0 and alone.resolved["n_train_examples"] == 12
+
+
+def test_replay_of_a_vanished_file(tiny_model_path, data_dir, tmp_path):
+    import shutil
+
+    from tunesmith.errors import DataError
+
+    own = shutil.copy(data_dir / "train.jsonl", tmp_path / "first.jsonl")
+    parent = train(quick_config(tiny_model_path, own, tmp_path / "parent", epochs=1, batch_size=12))
+    (tmp_path / "first.jsonl").unlink()
+    with pytest.raises(DataError) as caught:  # asked for explicitly: an error naming the file
+        train(quick_config(str(parent.run_dir), data_dir / "more.jsonl", tmp_path / "strict", replay=0.5))
+    assert "first.jsonl is gone" in str(caught.value.problems)
+    events: list = []  # "auto": says what it cannot replay, trains on the new data
+    child = train(quick_config(str(parent.run_dir), data_dir / "more.jsonl", tmp_path / "auto", epochs=1,
+                               batch_size=12), on_event=events.append)
+    assert child.resolved["n_replay_examples"] == 0
+    assert any(e.message.startswith("not replayed:") for e in events)

@@ -20,7 +20,7 @@ OPTION_FIELDS = {
     "batch_size": "batch_size", "learning_rate_multiplier": "learning_rate_multiplier", "lora_r": "lora_r",
     "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout", "max_length": "max_length", "seed": "seed",
     "suffix": "suffix", "save_every": "save_every_steps", "validation_split": "validation_split",
-    "eval_every": "eval_every_steps", "gradient_accumulation_steps": "gradient_accumulation_steps",
+    "eval_every": "eval_every_steps", "replay": "replay", "gradient_accumulation_steps": "gradient_accumulation_steps",
     "warmup_ratio": "warmup_ratio", "schedule": "schedule", "max_grad_norm": "max_grad_norm", "device": "device",
 }
 
@@ -56,6 +56,8 @@ def train_command(
     validation_split: Optional[float] = typer.Option(None, "--validation-split",
                                                      help="hold out this fraction for validation"),
     eval_every: Optional[int] = typer.Option(None, "--eval-every", help="validate every N steps"),
+    replay: Optional[str] = typer.Option(None, "--replay", help="continuing a run: earlier examples mixed in "
+                                         "per new one, X or auto (1 when the earlier files are there)"),
     gradient_accumulation_steps: Optional[int] = typer.Option(None, "--gradient-accumulation-steps",
                                                               help="batches per optimizer step (1)"),
     warmup_ratio: Optional[float] = typer.Option(None, "--warmup-ratio", help="share of steps warming up (0.05)"),
@@ -89,8 +91,8 @@ def build_config(given: dict[str, Any], target_modules: list[str] | None, flags:
     from tunesmith.train.config import TrainConfig
     from tunesmith.train.runs import read_manifest, resumable_run_dir
 
-    values = {OPTION_FIELDS[name]: _number_or_text(value) if name in ("epochs", "batch_size",
-                                                                      "learning_rate_multiplier") else value
+    numeric = ("epochs", "batch_size", "learning_rate_multiplier", "replay")
+    values = {OPTION_FIELDS[name]: _number_or_text(value) if name in numeric else value
               for name, value in given.items()}
     if "lora_alpha" in values and float(values["lora_alpha"]).is_integer():
         values["lora_alpha"] = int(values["lora_alpha"])
@@ -168,7 +170,7 @@ class TrainingView:
 SHOWN_AT_START = ("method", "n_epochs", "batch_size", "gradient_accumulation_steps", "learning_rate_multiplier",
                   "learning_rate", "total_steps", "warmup_steps", "schedule", "lora_r", "lora_alpha",
                   "lora_dropout", "target_modules", "use_rslora", "use_dora", "trainable_parameters",
-                  "n_train_examples", "n_valid_examples", "device", "weights_dtype", "autocast")
+                  "n_train_examples", "n_replay_examples", "n_valid_examples", "device", "weights_dtype", "autocast")
 
 
 def resolved_table(resolved: dict, keys: tuple[str, ...] | None = None) -> Table:

@@ -44,14 +44,16 @@ class TrainingData:
 
     Attributes:
         train, valid: encoded samples (``valid`` may be empty).
-        notes: things the user should know (truncations, skipped examples).
+        notes: things the user should know (truncations, skipped examples, replay).
         fingerprint: SHA-256 of the training file, to tell a changed file on resume.
+        replayed: how many of ``train`` are earlier examples (continued fine-tuning).
     """
 
     train: list[Sample]
     valid: list[Sample]
     notes: list[str] = field(default_factory=list)
     fingerprint: str = ""
+    replayed: int = 0
 
 
 @dataclass
@@ -113,8 +115,13 @@ def encode_file(path: str | Path, tokenizer, config: TrainConfig, *, role: str) 
     return samples, notes
 
 
-def build_data(config: TrainConfig, tokenizer) -> TrainingData:
+def build_data(config: TrainConfig, tokenizer, *, replay: float = 0.0,
+               replay_files: Sequence[Path] = ()) -> TrainingData:
     """Encode the training data and pick the validation set (file, held-out slice, or none).
+
+    Args:
+        replay: earlier examples mixed in per new training example (continued fine-tuning).
+        replay_files: where the earlier examples come from.
 
     Raises:
         DataError: unusable data, or fewer than 10 training examples.
@@ -130,7 +137,21 @@ def build_data(config: TrainConfig, tokenizer) -> TrainingData:
     elif config.validation_split > 0:
         train, valid = split_held_out(train, config.validation_split, config.seed)
         notes.append(f"held out {len(valid)} of {len(train) + len(valid)} training examples for validation")
-    return TrainingData(train=train, valid=valid, notes=notes, fingerprint=file_fingerprint(config.data))
+    replayed = replay_samples(replay_files, tokenizer, config, round(replay * len(train))) if replay > 0 else []
+    if replayed:
+        notes.append(f"replaying {len(replayed)} examples of the earlier training data alongside the "
+                     f"{len(train)} new ones, so the model keeps what it learned (--replay 0 to train on "
+                     "the new data alone)")
+    return TrainingData(train=train + replayed, valid=valid, notes=notes, fingerprint=file_fingerprint(config.data),
+                        replayed=len(replayed))
+
+
+def replay_samples(files: Sequence[Path], tokenizer, config: TrainConfig, count: int) -> list[Sample]:
+    """``count`` examples (at most all of them) drawn by ``config.seed`` from earlier training files."""
+    pool: list[Sample] = []
+    for path in files:
+        pool += encode_file(path, tokenizer, config, role="replay")[0]
+    return random.Random(config.seed).sample(pool, min(count, len(pool)))
 
 
 def split_held_out(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:

@@ -22,7 +22,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 RESUME_LOCKED = (
     "model", "data", "validation", "method", "epochs", "batch_size", "learning_rate_multiplier",
     "lora_r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "max_length", "seed",
-    "drop_system", "validation_split", "gradient_accumulation_steps", "warmup_ratio", "schedule",
+    "drop_system", "validation_split", "replay", "gradient_accumulation_steps", "warmup_ratio", "schedule",
     "max_grad_norm",
 )
 
@@ -46,6 +46,9 @@ class TrainConfig:
         drop_system: train without the system prompt (the model learns to answer the bare input).
         save_every_steps: also checkpoint every N optimizer steps (one per epoch always).
         validation_split: hold out this fraction of the training data when no validation file.
+        replay: when ``model`` is a finished run, mix in earlier training examples of its runs,
+            this many per new example (so the model keeps what it learned); "auto" = 1 when
+            those files are still there, 0 otherwise; 0 = train on the new data alone.
         eval_every_steps: validation interval; None = about five evaluations per run.
         gradient_accumulation_steps, warmup_ratio, schedule, max_grad_norm: the optimisation.
         device: ``cuda``, ``cuda:1``, ``cpu``...; None = CUDA when present.
@@ -70,6 +73,7 @@ class TrainConfig:
     drop_system: bool = False
     save_every_steps: int | None = None
     validation_split: float = 0.0
+    replay: float | str = AUTO
     eval_every_steps: int | None = None
     gradient_accumulation_steps: int = 1
     warmup_ratio: float = 0.05
@@ -120,6 +124,8 @@ class TrainConfig:
         problems += _number("validation_split", self.validation_split, integer=False, minimum=0.0, maximum=0.5)
         if self.validation and _is_number(self.validation_split) and self.validation_split > 0:
             problems.append("validation_split: give either a validation file or a held-out split, not both")
+        problems += _auto_or_number("replay", self.replay, integer=False, minimum=0.0, maximum=10.0)
+        problems += _replay_problems(self.model, self.replay)
         problems += _number("gradient_accumulation_steps", self.gradient_accumulation_steps, integer=True,
                             minimum=1, maximum=4096)
         problems += _number("warmup_ratio", self.warmup_ratio, integer=False, minimum=0.0, maximum=0.9)
@@ -240,3 +246,15 @@ def _model_problems(value: Any) -> list[str]:
         return [f"model: {path} is a file, not a model folder or a .gguf file"]
     known = ", ".join(sorted(REGISTRY))
     return [f"model: {value!r} is not a known model ({known}), a model folder, a .gguf file or a run name"]
+
+
+def _replay_problems(model: Any, replay: Any) -> list[str]:
+    """Replay needs earlier training data: only a finished run as ``model`` has some."""
+    if replay == AUTO or not _is_number(replay) or replay == 0 or not isinstance(model, str):
+        return []
+    from tunesmith.models.registry import REGISTRY
+    from tunesmith.train.runs import find_run_dir
+
+    if model in REGISTRY or find_run_dir(model) is None:
+        return ["replay: mixes in the earlier training data of a fine-tuned run; --model is not a run"]
+    return []

@@ -25,20 +25,20 @@ import torch.nn.functional as F
 
 from tunesmith import settings
 from tunesmith.atomic import atomic_dir, write_json
-from tunesmith.errors import ConfigError, NotFoundError, TunesmithError
+from tunesmith.errors import ConfigError, DataError, NotFoundError, TunesmithError
 from tunesmith.models.export import is_disk_full
 from tunesmith.models.loading import apply_chat_template_and_eos, load_causal_lm, load_tokenizer, pick_device
 from tunesmith.train import batches as data
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import hyperparams
-from tunesmith.train.config import RESUME_LOCKED, TrainConfig
+from tunesmith.train.config import AUTO, RESUME_LOCKED, TrainConfig
 from tunesmith.train.methods import get_method
 from tunesmith.train.metrics import MetricsLog
 from tunesmith.train.runs import (
     CHECKPOINTS, FAILED, FINAL, FINAL_INFO, INTERRUPTED, LOSS_PNG, MANIFEST_FORMAT, METRICS_CSV, RUNNING,
     SUCCEEDED, is_run_dir, list_runs, read_manifest, resumable_run_dir, utc_now, write_manifest,
 )
-from tunesmith.train.source import ModelSource, resolve_source
+from tunesmith.train.source import ModelSource, ancestor_training_files, resolve_source
 
 EVALUATIONS_PER_RUN = 5
 # Resolved values that fix the sequence of steps: a resumed run keeps the ones it started with.
@@ -151,7 +151,8 @@ class _Session:
         self.say(f"starting from {source.describe()}")
         # 3. Tokenizer (with its chat template) and data: masks come from the data layer.
         tokenizer = load_tokenizer(source.tokenizer_path)
-        training = data.build_data(config, tokenizer)
+        replay, replay_files = self.resolve_replay(source)
+        training = data.build_data(config, tokenizer, replay=replay, replay_files=replay_files)
         for note in training.notes:
             self.say(note)
         # 4. Model, made trainable the method's way; the seed fixes adapter init and dropout.
@@ -181,6 +182,26 @@ class _Session:
         # 9. The final model, then the manifest that says it is one.
         final = self.save_final(model, tokenizer, source, resolved)
         return self.succeeded(final, progress, metrics, resolved, load_seconds)
+
+    def resolve_replay(self, source: ModelSource) -> tuple[float, list[Path]]:
+        """How much earlier training data to mix in when continuing a run, and from which files.
+
+        Raises:
+            DataError: replay was asked for explicitly, but an earlier file is gone or changed.
+        """
+        if source.parent is None:
+            return 0.0, []
+        files = ancestor_training_files(source.parent)
+        usable = [f.path for f in files if f.problem is None]
+        problems = [f.problem for f in files if f.problem is not None]
+        if self.config.replay != AUTO:
+            if self.config.replay > 0 and problems:
+                raise DataError("cannot replay the earlier training data", problems,
+                                hint="restore the files, or pass --replay 0 to train on the new data alone")
+            return float(self.config.replay), usable
+        for problem in problems:
+            self.say(f"not replayed: {problem}")
+        return (1.0 if usable else 0.0), usable
 
     def keep_run_schedule(self, resolved: dict) -> dict:
         """On resume, the values that shape the run's steps come from the run, not from "auto" now
@@ -470,6 +491,7 @@ def resolve_hyperparameters(config: TrainConfig, method, model, training: data.T
         "trainable_parameters": trainable,
         "total_parameters": shape.parameters,
         "n_train_examples": n_train,
+        "n_replay_examples": training.replayed,
         "n_valid_examples": len(training.valid),
         "device": str(device),
         "weights_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
@@ -586,7 +608,7 @@ def _new_manifest(config: TrainConfig, method, source: ModelSource, resolved: di
         "eos_token_ids": eos_ids,
         "drop_system": config.drop_system,
         "data": {"training_file": str(Path(config.data).resolve()), "training_sha256": training.fingerprint,
-                 "n_train_examples": len(training.train),
+                 "n_train_examples": len(training.train), "n_replay_examples": training.replayed,
                  "validation_file": str(Path(config.validation).resolve()) if config.validation else None,
                  "n_valid_examples": len(training.valid)},
         "trained_tokens": 0,

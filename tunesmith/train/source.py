@@ -93,3 +93,42 @@ def _from_run(run: Run, method) -> ModelSource:
             f"--merged DIR) and train a new {method.name} adapter with --model DIR",
         )
     return ModelSource(**common, continue_adapter=final)
+
+
+@dataclass
+class ReplayFile:
+    """A training file of an earlier run in the chain, and whether it is still as it was."""
+
+    run: str
+    path: Path
+    problem: str | None = None
+
+
+def ancestor_training_files(run: Run) -> list[ReplayFile]:
+    """The training files of ``run`` and of the runs it continued, newest first.
+
+    A file that is gone or changed since (its SHA-256 differs) carries a ``problem``.
+    """
+    from tunesmith.train.batches import file_fingerprint
+    from tunesmith.train.runs import read_manifest
+
+    files: list[ReplayFile] = []
+    manifest, name, seen = run.manifest, run.name, set()
+    while manifest is not None and name not in seen:
+        seen.add(name)
+        data = manifest.get("data") or {}
+        if data.get("training_file"):
+            path = Path(data["training_file"])
+            problem = None
+            if not path.is_file():
+                problem = f"run {name}'s training file {path} is gone"
+            elif data.get("training_sha256") and file_fingerprint(path) != data["training_sha256"]:
+                problem = f"run {name}'s training file {path} changed since it trained"
+            files.append(ReplayFile(name, path, problem))
+        parent = manifest.get("parent_run")
+        try:
+            manifest = read_manifest(Path(parent["path"])) if parent else None
+            name = parent["name"] if parent else name
+        except TunesmithError:
+            break
+    return files
