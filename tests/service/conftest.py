@@ -51,7 +51,7 @@ class Server:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tunesmith", "serve", "--port", str(self.port), "--workers", str(self.workers),
              "--log-level", "warning"],
-            env=self.env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
+            env=self.env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -63,9 +63,13 @@ class Server:
                 time.sleep(0.2)
         raise RuntimeError("server did not start in 60 s")
 
-    def stop(self, sig: int = signal.SIGTERM) -> None:
+    def stop(self, sig: int = signal.SIGTERM, group: bool = False) -> None:
+        """Signal the server (``group``: its whole process group, as a terminal's Ctrl-C does) and wait."""
         if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(sig)
+            if group:
+                os.killpg(self.process.pid, sig)
+            else:
+                self.process.send_signal(sig)
             try:
                 self.process.wait(timeout=90)
             except subprocess.TimeoutExpired:

@@ -94,7 +94,7 @@ def test_sigkill_of_the_server_then_restart_resumes_and_keeps_queued_jobs(tiny_m
         restarted.stop()
 
 
-@pytest.mark.parametrize("signal_name", ["SIGTERM"])
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
 def test_graceful_stop_requeues_the_running_job(tiny_model_path, tmp_path, train_file, signal_name):
     server = Server(tmp_path, tiny_model_path, workers=1).start()
     client = server.client()
@@ -102,7 +102,7 @@ def test_graceful_stop_requeues_the_running_job(tiny_model_path, tmp_path, train
     job = client.fine_tuning.jobs.create(model="tiny", training_file=uploaded.id,
                                          hyperparameters={"n_epochs": 4, "batch_size": 4}, extra_body={"method": "lora"})
     wait_for(client, job.id, lambda j: (j.trained_tokens or 0) > 0)
-    server.stop(getattr(signal, signal_name))
+    server.stop(getattr(signal, signal_name), group=True)  # like systemd's stop or a Ctrl-C
     restarted = Server(tmp_path, tiny_model_path, workers=1).start()
     try:
         client = restarted.client()

@@ -29,9 +29,10 @@ def serve_command(
     """Run the OpenAI-compatible API and training workers (state in TUNESMITH_HOME or TUNESMITH_DATABASE_URL)."""
     from tunesmith.service.context import ServiceContext
     from tunesmith.service.projects import list_keys
-    from tunesmith.service.server import serve
+    from tunesmith.service.server import check_port, serve
 
     ctx = ServiceContext.from_env()  # validates every setting before anything starts
+    check_port(host, port)
     if ctx.settings.api_key is None and not any(k.revoked_at is None for k in list_keys(ctx.engine)):
         console.print("[yellow]no API key yet:[/] set TUNESMITH_API_KEY, or make one with "
                       "`tunesmith keys create --project NAME`", highlight=False)

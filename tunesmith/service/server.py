@@ -43,7 +43,9 @@ class WorkerPool:
         self._thread.start()
 
     def _spawn(self) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "tunesmith.service.worker"], env=child_env())
+        # Own sessions: only this pool signals the workers (once), not a Ctrl-C sent to the terminal's group.
+        return subprocess.Popen([sys.executable, "-m", "tunesmith.service.worker"], env=child_env(),
+                                start_new_session=True)
 
     def _supervise(self) -> None:
         self.processes = [self._spawn() for _ in range(self.count)]

@@ -136,8 +136,10 @@ class Worker:
     def run_job(self, job_id: str) -> Outcome:
         """Run a claimed job's child to its end, heart-beating and obeying cancel/pause."""
         log.info("worker %s runs %s", self.id, job_id)
+        # A session of its own: a Ctrl-C in the terminal (SIGINT to the whole process group) must not
+        # reach the child directly; the worker alone tells it to stop, exactly once.
         child = subprocess.Popen([sys.executable, "-m", "tunesmith.service.worker_child", job_id],
-                                 env=child_env({WORKER_ENV: self.id}))
+                                 env=child_env({WORKER_ENV: self.id}), start_new_session=True)
         outcome = self._watch(job_id, child)
         self._settle(job_id, outcome)
         return outcome
@@ -186,7 +188,8 @@ class Worker:
             if row.worker_id != self.id:
                 return  # another worker took it over; nothing here is ours to write
             if row.status == jobs.RUNNING:
-                if outcome.exit_code == EXIT_REQUEUE:
+                if outcome.exit_code == EXIT_REQUEUE or (self.stopping.is_set() and outcome.killed_for != "lost"):
+                    # stopping the worker never fails a job: it continues from its last checkpoint
                     conn.execute(update(table).where(mine).values(status=jobs.QUEUED, resume=1))
                     jobs.add_event(conn, job_id, "The worker stopped; the job is queued again and will resume "
                                                  "from its last checkpoint", level="warn")
