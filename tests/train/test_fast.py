@@ -155,3 +155,49 @@ def test_batch_without_labels_gives_zero_loss_with_a_graph():
     total, correct = fast.linear_cross_entropy(hidden, torch.randn(20, 8), torch.zeros(0, dtype=torch.long))
     total.backward()
     assert (total.item(), correct) == (0.0, 0)
+
+
+def _lora_on_linear(bias: bool, dropout: float):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(12, 10, bias=bias))
+    net = get_peft_model(net, LoraConfig(r=3, lora_alpha=6, lora_dropout=dropout, target_modules=["0"]))
+    for name, parameter in net.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.1)
+    return net
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_lora_equals_peft(bias):
+    net = _lora_on_linear(bias, dropout=0.0)
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    reference = net(x)
+    reference.square().sum().backward()
+    expected = [x.grad.clone()] + [p.grad.clone() for p in net.parameters() if p.requires_grad]
+    x.grad = None
+    net.zero_grad(set_to_none=True)
+    with fast.fused_lora(net) as n_fused:
+        fused = net(x)
+    fused.square().sum().backward()
+    got = [x.grad] + [p.grad for p in net.parameters() if p.requires_grad]
+    assert n_fused == 1
+    torch.testing.assert_close(fused, reference)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+
+
+def test_fused_lora_drops_out_in_training_only_and_is_restored():
+    net = _lora_on_linear(False, dropout=0.5)
+    x = torch.randn(4, 12)
+    with torch.no_grad(), fast.fused_lora(net):
+        net.eval()
+        assert torch.equal(net(x), net(x))
+        net.train()
+        torch.manual_seed(3)
+        first = net(x)
+        torch.manual_seed(3)
+        assert torch.equal(first, net(x))  # seeded: reproducible
+        assert not torch.equal(first, net(x))  # but a new mask each call
+    assert "forward" not in vars(net.base_model.model[0])  # peft's own forward is back

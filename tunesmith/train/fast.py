@@ -195,6 +195,104 @@ def _configs(model) -> list:
     return list(seen.values())
 
 
+# --------------------------------------------------------------------------- LoRA
+
+
+class _LoraLinear(torch.autograd.Function):
+    """``x W^T + b + s * dropout(x) A^T B^T`` with the adapter's scale and sum folded into the matmuls.
+
+    peft computes the same as ``base(x) + lora_B(lora_A(dropout(x))) * scaling``:
+    three elementwise passes over the ``[tokens, out]`` output (scale, add, and in
+    the backward their counterparts) per adapted layer, 210 layers in SmolLM2,
+    and on a CPU each pass costs about as much as a skinny matmul. Here the scale
+    and sum ride on ``addmm``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float, compute_dtype):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(compute_dtype)
+        w, a, b = weight.to(compute_dtype), lora_a.to(compute_dtype), lora_b.to(compute_dtype)
+        mask = None
+        if dropout_p > 0.0:
+            mask = torch.empty_like(x2).bernoulli_(1.0 - dropout_p).div_(1.0 - dropout_p)
+            xd = x2 * mask
+        else:
+            xd = x2
+        u = xd @ a.T
+        out = torch.addmm(bias.to(compute_dtype), x2, w.T) if bias is not None else x2 @ w.T
+        out.addmm_(u, b.T, alpha=scaling)
+        ctx.save_for_backward(xd, u, mask, w, a, b)
+        ctx.scaling, ctx.shape = scaling, shape
+        ctx.dtypes = (x.dtype, lora_a.dtype, lora_b.dtype, None if bias is None else bias.dtype)
+        return out.reshape(*shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xd, u, mask, w, a, b = ctx.saved_tensors
+        x_dtype, a_dtype, b_dtype, bias_dtype = ctx.dtypes
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(w.dtype)
+        gu = (g @ b).mul_(ctx.scaling)  # [tokens, r]: gradient at the adapter's bottleneck
+        grad_b = (g.T @ u).mul_(ctx.scaling).to(b_dtype)
+        grad_a = (gu.T @ xd).to(a_dtype)
+        grad_bias = g.sum(0).to(bias_dtype) if ctx.needs_input_grad[2] else None
+        if not ctx.needs_input_grad[0]:
+            return None, None, grad_bias, grad_a, grad_b, None, None, None
+        if mask is None:
+            grad_x = torch.addmm(g @ w, gu, a)
+        else:
+            grad_x = (gu @ a).mul_(mask).addmm_(g, w)
+        return grad_x.to(x_dtype).reshape(ctx.shape), None, grad_bias, grad_a, grad_b, None, None, None
+
+
+def _fused_lora_forward(self, x, *args, **kwargs):
+    """Forward of a peft ``lora.Linear`` holding one plain LoRA adapter (see :func:`fused_lora`)."""
+    name = self.active_adapters[0]
+    dropout = self.lora_dropout[name]
+    p = dropout.p if isinstance(dropout, torch.nn.Dropout) and self.training else 0.0
+    compute_dtype = self.base_layer.weight.dtype
+    if torch.is_autocast_enabled(x.device.type):
+        compute_dtype = torch.get_autocast_dtype(x.device.type)
+    with torch.autocast(x.device.type, enabled=False):
+        return _LoraLinear.apply(x, self.base_layer.weight, self.base_layer.bias, self.lora_A[name].weight,
+                                 self.lora_B[name].weight, float(self.scaling[name]), p, compute_dtype)
+
+
+def _plain_lora_layers(model) -> list:
+    """peft LoRA linear layers that :func:`fused_lora` can take over: one plain adapter, unmerged."""
+    try:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+    except ImportError:
+        return []
+    layers = []
+    for module in model.modules():
+        if (isinstance(module, LoraLinear) and not module.disable_adapters and not module.merged
+                and len(module.active_adapters) == 1 and module.active_adapters[0] in module.lora_A
+                and module.active_adapters[0] not in module.lora_variant
+                and isinstance(module.base_layer, torch.nn.Linear)
+                and not module.base_layer.weight.requires_grad
+                and module.lora_B[module.active_adapters[0]].bias is None):
+            layers.append(module)
+    return layers
+
+
+@contextlib.contextmanager
+def fused_lora(model) -> Iterator[int]:
+    """Within the block, plain LoRA layers of ``model`` run :class:`_LoraLinear`; yields how many.
+
+    The adapters' parameters are peft's own, so saving, loading and merging are
+    untouched; DoRA and other variants, merged or disabled adapters keep peft's path.
+    """
+    layers = _plain_lora_layers(model)
+    for module in layers:
+        module.forward = _fused_lora_forward.__get__(module)
+    try:
+        yield len(layers)
+    finally:
+        for module in layers:
+            del module.forward
+
+
 # --------------------------------------------------------------------------- loss
 
 
@@ -283,8 +381,8 @@ def packed_token_loss(model, batch: PackedBatch, *, chunk_rows: int = 1024) -> t
 
     The decoder runs once over the packed row; the output layer only on the
     labelled rows. Works for a transformers causal LM or a PEFT model wrapping
-    one. The model must be inside :func:`packed_attention` unless the batch holds
-    a single example.
+    one; attention runs per example (:func:`packed_attention`) and plain LoRA
+    layers fused (:func:`fused_lora`) for the duration of the call.
 
     Returns:
         (summed loss, correct count), as the padded path's ``token_loss`` gives them.
@@ -294,9 +392,10 @@ def packed_token_loss(model, batch: PackedBatch, *, chunk_rows: int = 1024) -> t
     if getattr(head, "bias", None) is not None:
         raise ValueError("an output layer with a bias is not supported by the packed loss")
     bounds = batch.cu_seqlens
-    hidden = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
-                     cu_seq_lens_q=bounds, cu_seq_lens_k=bounds,
-                     max_length_q=batch.max_seqlen, max_length_k=batch.max_seqlen).last_hidden_state
+    with packed_attention(model), fused_lora(model):
+        hidden = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
+                         cu_seq_lens_q=bounds, cu_seq_lens_k=bounds,
+                         max_length_q=batch.max_seqlen, max_length_k=batch.max_seqlen).last_hidden_state
     rows = (batch.targets[0] != IGNORE_INDEX).nonzero().squeeze(1)
     config = model.config
     softcap = getattr(getattr(config, "text_config", config), "final_logit_softcapping", None)
