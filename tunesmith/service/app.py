@@ -6,6 +6,7 @@ import contextlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
+import anyio
 from fastapi import FastAPI
 
 from tunesmith import __version__
@@ -40,6 +41,7 @@ def create_app(ctx: ServiceContext | None = None) -> FastAPI:
     # One thread validates job files in order, off the request path (a job answers in validating_files).
     app.state.validator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tunesmith-validate")
     app.state.inference = Inference(ctx, EngineHolder(ctx.settings.device))
+    app.state.inference_limiter = anyio.CapacityLimiter(ctx.settings.inference_threads)
     install_handlers(app)
     for module in (files, job_routes, models, completions):
         app.include_router(module.router)

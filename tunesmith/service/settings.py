@@ -96,6 +96,8 @@ class Settings:
         pause_grace_s: how long a pausing job may take to write its checkpoint before it is stopped.
         poll_s: how often an idle worker looks for a queued job.
         device: TUNESMITH_DEVICE for training and inference (None: pick the best).
+        inference_threads: TUNESMITH_INFERENCE_THREADS, completion requests handled at once (the
+            model generates one at a time; the others wait without holding the API's threads).
     """
 
     home: Path
@@ -110,6 +112,7 @@ class Settings:
     pause_grace_s: float = 120.0
     poll_s: float = 1.0
     device: str | None = None
+    inference_threads: int = 4
 
     @property
     def files_dir(self) -> Path:
@@ -151,6 +154,7 @@ class Settings:
             pause_grace_s=_float_env("TUNESMITH_PAUSE_GRACE_S", cls.pause_grace_s, problems),
             poll_s=_float_env("TUNESMITH_POLL_S", cls.poll_s, problems),
             device=os.environ.get("TUNESMITH_DEVICE") or None,
+            inference_threads=max(1, _int_env("TUNESMITH_INFERENCE_THREADS", cls.inference_threads, problems)),
         )
         if problems:
             raise ConfigError(problems, "fix these environment variables and start again")
