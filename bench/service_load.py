@@ -4,14 +4,15 @@ Starts a real ``tunesmith serve`` in a temporary TUNESMITH_HOME with a tiny rand
 model registered as ``tiny`` and measures:
 
 1. ``--clients`` concurrent official-client users listing and retrieving files, jobs
-   and models for ``--seconds``: requests, errors, p50/p99 latency.
+   and models for ``--seconds``: requests, errors, p50/p99 latency; then the listing
+   latency while ``--chats`` clients keep the model generating ("mixed").
 2. the server's RSS while a ``--upload-gb`` file uploads (streamed by the client too).
 3. ``--kills`` SIGKILLs of the worker at random moments of running jobs (the server
    restarts it; the job resumes from its checkpoint): jobs finished, jobs lost, steps
    trained twice.
 
     python bench/service_load.py                # everything
-    python bench/service_load.py --part load    # one part: load | upload | kills
+    python bench/service_load.py --part load    # one part: load | mixed | upload | kills
 """
 
 from __future__ import annotations
@@ -93,6 +94,42 @@ def measure_load(server: Server, clients: int, seconds: float, data: Path) -> di
             "errors": len(errors), "first_errors": errors[:3], "requests_per_s": round(len(latencies) / wall, 1),
             "p50_ms": round(percentile(latencies, 0.50) * 1000, 1),
             "p99_ms": round(percentile(latencies, 0.99) * 1000, 1)}
+
+
+def measure_mixed(server: Server, chats: int, seconds: float) -> dict:
+    """Listing latency while ``chats`` clients keep the model busy (half of them streaming)."""
+    client = server.client()
+    question = [{"role": "user", "content": "Ticket T-101"}]
+    client.chat.completions.create(model="tiny", messages=question, max_tokens=2)  # load the model first
+    stop_at = time.monotonic() + seconds
+    answered, errors = [0], []
+
+    def chatter(index: int) -> None:
+        mine = server.client()
+        while time.monotonic() < stop_at:
+            try:
+                reply = mine.chat.completions.create(model="tiny", messages=question, max_tokens=64,
+                                                     temperature=1.0, stream=bool(index % 2))
+                if index % 2:
+                    list(reply)
+                answered[0] += 1
+            except Exception as exc:  # counted, not raised
+                errors.append(f"{type(exc).__name__}: {exc}"[:200])
+
+    threads = [threading.Thread(target=chatter, args=(i,)) for i in range(chats)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)
+    latencies = []
+    while time.monotonic() < stop_at:
+        started = time.perf_counter()
+        client.files.list()
+        latencies.append(time.perf_counter() - started)
+    for thread in threads:
+        thread.join()
+    return {"chat_clients": chats, "chats_answered": answered[0], "chat_errors": len(errors),
+            "list_requests": len(latencies), "list_p50_ms": round(percentile(latencies, 0.5) * 1000, 1),
+            "list_p99_ms": round(percentile(latencies, 0.99) * 1000, 1)}
 
 
 # ------------------------------------------------------------------------------------- 2. upload
@@ -187,7 +224,8 @@ def measure_kills(server: Server, kills: int, data: Path, seed: int = 0) -> dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["all", "load", "upload", "kills"], default="all")
+    parser.add_argument("--part", choices=["all", "load", "mixed", "upload", "kills"], default="all")
+    parser.add_argument("--chats", type=int, default=60, help="concurrent chat clients in the mixed part")
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--upload-gb", type=float, default=1.0)
@@ -205,6 +243,9 @@ def main() -> None:
             if args.part in ("all", "load"):
                 results["load"] = measure_load(server, args.clients, args.seconds, data)
                 print("load:", json.dumps(results["load"]), flush=True)
+            if args.part in ("all", "mixed"):
+                results["mixed"] = measure_mixed(server, args.chats, min(args.seconds, 15))
+                print("mixed:", json.dumps(results["mixed"]), flush=True)
             if args.part in ("all", "upload"):
                 results["upload"] = measure_upload(server, args.upload_gb)
                 print("upload:", json.dumps(results["upload"]), flush=True)
