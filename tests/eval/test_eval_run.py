@@ -104,3 +104,32 @@ def test_bundled_demo_data_is_what_the_generator_writes(tmp_path):
     written = demo.write_demo_data(tmp_path)
     assert written.train.read_bytes() == demo.TRAIN_FILE.read_bytes()
     assert written.heldout.read_bytes() == demo.HELDOUT_FILE.read_bytes()
+
+
+def test_compare_trains_each_method_and_recommends(tiny_model_path, task_files, tmp_path):
+    from tunesmith.eval.compare import CompareSettings, compare
+
+    settings = CompareSettings(data=str(task_files[0]), validation=str(task_files[1]), methods=["lora", "full"],
+                               model=str(tiny_model_path), shots=1, epochs=1, max_length=96, out=str(tmp_path))
+    payload = compare(settings)
+    rows = {row["method"]: row for row in payload["methods"]}
+    assert set(rows) == {"lora", "full"}
+    assert rows["full"]["trainable_parameters"] > rows["lora"]["trainable_parameters"] > 0
+    assert rows["full"]["artefact_bytes"] > rows["lora"]["artefact_bytes"]
+    for row in rows.values():
+        assert row["wall_time_s"] > 0 and row["tokens_per_second"] > 0 and row["peak_memory_bytes"] > 0
+        assert row["valid_loss"] is not None
+    assert payload["recommendation"].startswith("use ")
+    for name in ("report.md", "report.json", "loss_curves.png", "comparison.png"):
+        assert (tmp_path / name).is_file(), name
+    assert "## Methods compared" in (tmp_path / "report.md").read_text()
+
+
+def test_compare_settings_report_every_problem(task_files):
+    from tunesmith.errors import ConfigError
+    from tunesmith.eval.compare import CompareSettings
+
+    with pytest.raises(ConfigError) as info:
+        CompareSettings(data="missing.jsonl", validation=str(task_files[1]), methods=["lora", "qlora9"],
+                        metric="bleu").validate()
+    assert len(info.value.problems) == 3

@@ -22,7 +22,7 @@ def demo_command(
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="run folder of the demo (its report goes "
                                                                     "in eval/ inside it)"),
     fresh: bool = typer.Option(False, "--fresh", help="train again even if a finished demo run is there"),
-    examples: int = typer.Option(0, "--examples", help="evaluate only the first N held-out examples (0 = all 40)"),
+    examples: int = typer.Option(0, "--examples", help="evaluate only the first N held-out examples (0 = all)"),
 ) -> None:
     """End to end on a bundled task the base model cannot do from a prompt; prints the measured gain."""
     from tunesmith.eval import demo
@@ -33,8 +33,9 @@ def demo_command(
     console.print(Panel.fit(
         "Task: route a support ticket to its team's code in an invented code book (ZX-17 = billing, QM-04 = "
         "sign-in, ... 8 codes).\nThe base model gets the code book and 3 worked examples in every request; "
-        f"the fine-tuned model gets only the ticket.\nTraining: {data.train.name} (56 examples), held-out: "
-        f"{data.heldout.name} (40 examples).", title="tunesmith demo", border_style="cyan"))
+        f"the fine-tuned model gets only the ticket.\nTraining: {data.train.name} ({_count(data.train)} examples), "
+        f"held-out: {data.heldout.name} ({_count(data.heldout)} examples).", title="tunesmith demo",
+        border_style="cyan"))
 
     console.rule("1. check the training data")
     _check(data.train)
@@ -93,8 +94,8 @@ def _train(demo, data, out: Path, fresh: bool) -> Path:
             from tunesmith.errors import TunesmithError
 
             raise TunesmithError(f"{out} exists and is not a tunesmith run", "choose another --out")
-    config = TrainConfig(model=demo.MODEL, data=str(data.train), method="lora", drop_system=True,
-                         max_length=demo.MAX_LENGTH, seed=42, out=str(out))
+    config = TrainConfig(model=demo.MODEL, data=str(data.train), method="lora", drop_system=True, out=str(out),
+                         **demo.HYPERPARAMETERS)
     view = TrainingView(console)
     started = time.perf_counter()
     with view:
@@ -107,6 +108,10 @@ def _train(demo, data, out: Path, fresh: bool) -> Path:
     console.print(f"trained {result.trained_tokens:,} tokens in {time.perf_counter() - started:.0f} s",
                   highlight=False)
     return Path(result.run_dir)
+
+
+def _count(path: Path) -> int:
+    return sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
 
 
 def _first(heldout: Path, count: int, out: Path) -> Path:

@@ -182,7 +182,7 @@ ORDER_TEMPLATES = (
     "{name} here, I need {qty} {items} delivered in {city}{rush}.",
     "Could you ship {qty} {items} to {city}? Thanks, {name}",
     "Order for {name}: {qty} {items}, deliver to {city}{rush}.",
-    "{qty} {items} to {city} please{rush}. - {name}",
+    "{qty} {items} to {city}{rush}, please. - {name}",
 )
 QUANTITY_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
 
@@ -200,8 +200,6 @@ def order_extraction(count: int, seed: int) -> list[dict]:
         rush = rng.choice([", express please", ", as fast as possible", ", urgently"]) if express else ""
         template = rng.choice([t for t in ORDER_TEMPLATES if "{rush}" in t] if express else ORDER_TEMPLATES)
         text = template.format(name=name, qty=qty_text, items=items, city=city, rush=rush)
-        if express and "{rush}" not in template:
-            continue
         if text in seen:
             continue
         seen.add(text)
