@@ -80,20 +80,18 @@ def show_report(payload: dict) -> None:
     console.print(f"metric: {payload['metric']} ({payload['metric_reason']}); {payload['examples']} held-out "
                   f"examples; greedy, ≤{payload['max_tokens']} new tokens")
     table = Table(title="fine-tuned vs prompted")
-    for column in ("model", "asked with", f"{quality} (95% CI)", "prompt tok", "gen tok", "latency p50",
-                   "latency p95"):
-        table.add_column(column, justify="left" if column in ("model", "asked with") else "right")
-    extra = [k for k in ("macro_f1", "non_label_rate", "valid_json_rate") if k in payload["models"][0]]
-    for key in extra:
-        table.add_column(key.replace("_", " "), justify="right")
+    for column in ("model", f"{quality} (95% CI)", "prompt tok", "gen tok", "p50", "p95"):
+        table.add_column(column, justify="left" if column == "model" else "right")
     for m in payload["models"]:
-        row = [m["label"], how_asked(m, payload["shots"]),
-               f"{100 * m['score']:.1f}% ({100 * m['ci_low']:.0f}–{100 * m['ci_high']:.0f})",
-               f"{m['prompt_tokens_mean']:.0f}", f"{m['completion_tokens_mean']:.1f}",
-               f"{1000 * m['latency_p50_s']:.0f} ms", f"{1000 * m['latency_p95_s']:.0f} ms"]
-        row += [f"{m[k]:.2f}" for k in extra]
-        table.add_row(*row)
+        table.add_row(m["label"], f"{100 * m['score']:.1f}% ({100 * m['ci_low']:.0f}–{100 * m['ci_high']:.0f})",
+                      f"{m['prompt_tokens_mean']:.0f}", f"{m['completion_tokens_mean']:.1f}",
+                      f"{1000 * m['latency_p50_s']:.0f} ms", f"{1000 * m['latency_p95_s']:.0f} ms")
     console.print(table)
+    extra = [k for k in ("macro_f1", "non_label_rate", "valid_json_rate", "exact_match") if k in payload["models"][0]]
+    for m in payload["models"]:
+        figures = ", ".join(f"{k.replace('_', ' ')} {m[k]:.2f}" for k in extra)
+        console.print(f"  {m['label']}: asked {how_asked(m, payload['shots'])}" + (f"; {figures}" if figures else ""),
+                      highlight=False)
     for row in payload["relative"]:
         console.print(f"[bold]{row['tuned']}[/] vs {row['versus']}: [bold]{row['score_points']:+.1f}[/] {quality} "
                       f"points, [bold]{100 * row['prompt_tokens_saved']:.0f}%[/] fewer prompt tokens, "

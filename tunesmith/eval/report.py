@@ -164,7 +164,7 @@ def how_asked(model: dict, shots: int) -> str:
     """How a model was asked, in words."""
     if model["mode"] == TUNED:
         return "as trained, no system prompt" if model.get("drop_system") else "as trained"
-    return f"instructions + {shots} examples"
+    return f"with instructions + {shots} examples"
 
 
 def _short(text: str, limit: int = 80) -> str:

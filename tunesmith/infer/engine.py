@@ -17,6 +17,7 @@ import json
 import queue
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -192,11 +193,14 @@ class Engine:
         name = "a" + hashlib.sha1(key.encode()).hexdigest()[:12]
         stale = [k for k in base.adapters if k.split("@")[0] == str(adapter.resolve())]
         try:
-            if isinstance(base.model, PeftModel):
-                base.model.load_adapter(str(adapter), adapter_name=name, is_trainable=False)
-            else:
-                base.model = PeftModel.from_pretrained(base.model, str(adapter), adapter_name=name,
-                                                       is_trainable=False)
+            with warnings.catch_warnings():
+                # peft reads a deprecated transformers property while loading; not the user's concern
+                warnings.simplefilter("ignore", FutureWarning)
+                if isinstance(base.model, PeftModel):
+                    base.model.load_adapter(str(adapter), adapter_name=name, is_trainable=False)
+                else:
+                    base.model = PeftModel.from_pretrained(base.model, str(adapter), adapter_name=name,
+                                                           is_trainable=False)
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
             raise TunesmithError(f"cannot attach the adapter in {adapter} to {base.path}: {exc}",
                                  "check that the adapter was trained on this base model") from exc

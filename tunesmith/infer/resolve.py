@@ -10,6 +10,7 @@ where its base is, and whether training dropped the system prompt.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -71,6 +72,9 @@ def locate(ref: str) -> ModelSource:
     run = _find_run(ref)
     if run is not None:
         return _locate_run(ref, run)
+    if os.sep in ref or ref.startswith("."):
+        raise NotFoundError(f"{ref} does not exist", "pass an existing run or model folder, or a base-model name",
+                            param="model")
     return _base(ref)  # raises the registry's "unknown model" error with the known names
 
 
