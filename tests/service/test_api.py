@@ -107,6 +107,16 @@ def test_chat_stream_and_completions_on_fine_tuned_checkpoint_and_base(client, f
     from_ckpt = client.chat.completions.create(model=checkpoint, messages=QUESTION, temperature=0, max_tokens=3)
     assert from_ckpt.usage.completion_tokens >= 1
 
+    base = client.chat.completions.create(model="tiny", messages=QUESTION, temperature=0, max_tokens=12)
+    text = base.choices[0].message.content
+    assert len(text) >= 4 and base.choices[0].finish_reason == "length"
+    stop = text[2:4]
+    cut = client.chat.completions.create(model="tiny", messages=QUESTION, temperature=0, max_tokens=12, stop=[stop])
+    assert cut.choices[0].message.content == text[:text.find(stop)] and cut.choices[0].finish_reason == "stop"
+    sampled = [client.chat.completions.create(model="tiny", messages=QUESTION, temperature=1.0, top_p=0.9, seed=3,
+                                              max_tokens=8).choices[0].message.content for _ in range(2)]
+    assert sampled[0] == sampled[1]  # a seed makes sampling reproducible
+
     legacy = client.completions.create(model="tiny", prompt="Ticket T-1", max_tokens=3, temperature=0)
     assert legacy.object == "text_completion" and 1 <= legacy.usage.completion_tokens <= 3
     streamed_legacy = list(client.completions.create(model="tiny", prompt="Ticket T-1", max_tokens=3,
