@@ -4,7 +4,6 @@ nothing runs twice."""
 from __future__ import annotations
 
 import signal
-import time
 
 import psutil
 import pytest

@@ -15,7 +15,7 @@ from sqlalchemy import select, update
 
 from tunesmith.service import db
 from tunesmith.service.context import ServiceContext
-from tunesmith.service.errors import APIError, bad_request, conflict, not_found
+from tunesmith.service.errors import APIError, bad_request, conflict
 from tunesmith.service.files import ACTIVE_JOB_STATUSES
 from tunesmith.service.ids import short_part
 from tunesmith.service.projects import Project

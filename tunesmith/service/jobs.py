@@ -23,7 +23,6 @@ from pydantic import ValidationError
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.engine import Connection
 
-from tunesmith.errors import ConfigError
 from tunesmith.service import catalog, db
 from tunesmith.service.context import ServiceContext
 from tunesmith.service.errors import APIError, bad_request, conflict, not_found
@@ -387,5 +386,5 @@ def forget_after_step(conn: Connection, job_id: str, step: int) -> None:
     conn.execute(delete(db.checkpoints).where(db.checkpoints.c.job_id == job_id).where(db.checkpoints.c.step > step))
 
 
-__all__ = ["ConfigError", "create", "retrieve", "list_jobs", "list_events", "list_checkpoints", "cancel", "pause",
+__all__ = ["create", "retrieve", "list_jobs", "list_events", "list_checkpoints", "cancel", "pause",
            "resume", "validate_files", "revalidate_pending", "fail", "add_event", "public", "train_config"]

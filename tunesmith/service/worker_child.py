@@ -15,6 +15,7 @@ checkpoint (the worker queues the job again); anything else a crash.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import sys
 import time
@@ -49,8 +50,6 @@ class Stopper:
 
     def __call__(self) -> str | None:
         if parent_gone():  # the worker died: stop at once; the next worker resumes the job
-            import os
-
             os._exit(1)
         if self.reason is not None or time.monotonic() - self._checked < STOP_POLL_S:
             return self.reason
@@ -268,8 +267,6 @@ def run(ctx: ServiceContext, job_id: str, worker_id: str | None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the training child."""
-    import os
-
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print("usage: python -m tunesmith.service.worker_child JOB_ID", file=sys.stderr)
