@@ -83,3 +83,21 @@ def test_concurrent_workers_claim_each_job_exactly_once(ctx):
         rows = list(conn.execute(select(db.jobs.c.status, db.jobs.c.worker_id, db.jobs.c.attempts)))
     assert all(r.status == "running" and r.attempts == 1 for r in rows)
     assert {r.worker_id for r in rows} <= {w.id for w in workers}
+
+
+def test_a_new_migration_is_applied_once_and_keeps_the_data(ctx, monkeypatch):
+    from sqlalchemy import text
+
+    secret, _ = create_key(ctx.engine, "acme")
+
+    def add_note_column(conn) -> None:
+        conn.execute(text("ALTER TABLE projects ADD COLUMN note VARCHAR(200)"))
+
+    monkeypatch.setattr(db, "MIGRATIONS", [*db.MIGRATIONS, (2, "project notes", add_note_column)])
+    monkeypatch.setattr(db, "SCHEMA_VERSION", 2)
+    assert db.migrate(ctx.engine) == 2
+    assert db.migrate(ctx.engine) == 2  # already there: nothing runs twice
+    with ctx.engine.connect() as conn:
+        assert [r.version for r in conn.execute(select(db.schema_version))] == [1, 2]
+        assert conn.execute(text("SELECT name, note FROM projects")).all() == [("acme", None)]
+    assert authenticate(ctx.engine, ctx.settings, secret).name == "acme"
