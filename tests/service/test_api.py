@@ -233,6 +233,11 @@ def test_error_shapes_400_409_413(server, client, finished_job, uploaded):
         client.fine_tuning.jobs.create(model="tiny", training_file=uploaded.id, extra_body={"lora_r": "many"})
     assert caught.value.body["param"] == "lora_r" and "validation error" not in caught.value.body["message"]
 
+    pending = client.fine_tuning.jobs.create(model="tiny", training_file=uploaded.id)
+    with pytest.raises(openai.ConflictError) as caught:  # a job that has not finished needs its file
+        client.files.delete(uploaded.id)
+    assert caught.value.body["code"] == "file_in_use"
+    client.fine_tuning.jobs.cancel(pending.id)
     with pytest.raises(openai.ConflictError):
         client.fine_tuning.jobs.cancel(finished_job.id)
     with pytest.raises(openai.ConflictError):
