@@ -56,7 +56,10 @@ def main() -> None:
     """Console entry point."""
     _register_commands()
     try:
-        app(standalone_mode=False)
+        # Without standalone mode click returns typer.Exit codes instead of exiting with them.
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except TunesmithError as exc:
         report_error(exc)
         sys.exit(exc.exit_code)
@@ -76,6 +79,7 @@ def main() -> None:
         if isinstance(exc, click.exceptions.Abort):
             err_console.print("aborted")
             sys.exit(1)
-        err_console.print(f"[bold red]error:[/] unexpected {type(exc).__name__}: {exc}", highlight=False)
+        err_console.print("[bold red]error:[/] ", end="")
+        err_console.print(f"unexpected {type(exc).__name__}: {exc}", highlight=False, markup=False)
         err_console.print("[yellow]hint:[/] rerun with TUNESMITH_DEBUG=1 for the traceback and report it", highlight=False)
         sys.exit(1)
