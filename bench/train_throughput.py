@@ -78,7 +78,7 @@ def all_cases(steps: int, quick: bool) -> list[Case]:
         cases += [Case("main", "trainer", method, "fp32", steps=steps),
                   Case("main", "trainer", method, "bf16", steps=steps),
                   Case("main", "trl", method, "bf16", steps=steps),
-                  Case("main", "recipe", method, "fp32", steps=steps),
+                  *([Case("main", "recipe", method, "fp32", steps=steps)] if method == "lora" else []),
                   Case("main", "recipe-fast", method, "fp32", steps=steps),
                   Case("main", "recipe-fast", method, "bf16", steps=steps)]
     for max_len in (256, 512, 1024):
@@ -389,7 +389,8 @@ def render(cases: list[Case], results: dict[str, dict], peak: dict, info: dict, 
         f"- Machine: {info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads), "
         f"bf16 units: {', '.join(info['bf16_units']) or 'none'}; Python {info['python']}.",
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()) + ".",
-        f"- Matmul peak measured in this run: fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s.",
+        f"- Matmul peak measured at the start of the run: fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} "
+        "GFLOP/s (with `--merge`, each row's MFU uses the peak measured by its own invocation).",
         f"- Batches of {BATCH_SIZE} generated chat examples (system + user + assistant, the answer 20-40% of the "
         "tokens), loss on the assistant answer only; the same batches in the same order for every runner; "
         f"LoRA r={LORA['r']} alpha={LORA['lora_alpha']} dropout={LORA['lora_dropout']} on all linear layers, "
@@ -427,9 +428,20 @@ def render(cases: list[Case], results: dict[str, dict], peak: dict, info: dict, 
                 f"| {case.max_len} | {case.method} | {case.runner} | {case.precision} | {r['tokens_per_s']:.0f} | "
                 f"{ratio(r['tokens_per_s'], same.get('tokens_per_s'))} | "
                 f"{ratio(r['tokens_per_s'], fp32.get('tokens_per_s'))} | {r['peak_rss_mib']:.0f} | "
-                f"{loss:.4f} | {loss_delta} | {r['mfu'] * 100:.0f}% | {case.steps} |")
+                f"{loss:.4f} | {loss_delta} | {r['mfu'] * 100:.0f}% | {r.get('steps', case.steps)} |")
         lines.append("")
     return "\n".join(lines)
+
+
+NOTES_MARKER = "<!-- notes: kept when the tables are regenerated -->"
+
+
+def kept_notes(path: Path) -> str:
+    """The hand-written analysis below the tables of an existing RESULTS.md (kept across runs)."""
+    if not path.is_file():
+        return ""
+    text = path.read_text(encoding="utf-8")
+    return text[text.index(NOTES_MARKER):] if NOTES_MARKER in text else ""
 
 
 def main() -> None:
@@ -439,6 +451,8 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="comma-separated substrings; run the cases whose label has one")
     parser.add_argument("--out", default=None, help="where to write the table (default bench/RESULTS.md; "
                         "none with --quick or --only)")
+    parser.add_argument("--merge", action="store_true", help="add to the results already in --out's .json "
+                        "(cases measured again replace theirs) instead of starting a new table")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -457,7 +471,11 @@ def main() -> None:
     peak = matmul_peak()
     print(f"{info['cpu']}, {info['cores']} cores; matmul peak fp32 {peak['fp32']:.0f} GFLOP/s, "
           f"bf16 {peak['bf16']:.0f} GFLOP/s", flush=True)
+    out = args.out or (None if (args.quick or (args.only and not args.merge)) else str(HERE / "RESULTS.md"))
     results: dict[str, dict] = {}
+    raw = Path(out).with_suffix(".json") if out else None
+    if args.merge and raw is not None and raw.is_file():
+        results = json.loads(raw.read_text(encoding="utf-8"))["results"]
     for case in cases:
         result = run_case_in_subprocess(case)
         if "error" not in result:
@@ -467,16 +485,18 @@ def main() -> None:
                   flush=True)
         else:
             print(f"{case.label:55s} FAILED: {result['error']}", flush=True)
-        results[case.label] = result
+        results[case.label] = {**result, "steps": case.steps, "measured": time.strftime("%H:%M UTC", time.gmtime()),
+                               "peak": peak[case.precision]}
+        if raw is not None:  # after each case, so an interrupted run keeps what it measured
+            raw.write_text(json.dumps({"peak": peak, "machine": info, "results": results}, indent=1) + "\n",
+                           encoding="utf-8")
     command = "python bench/train_throughput.py " + " ".join(sys.argv[1:])
-    report = render(cases, results, peak, info, command.strip(), started, (load_start, os.getloadavg()[0]))
+    shown = [c for c in all_cases(steps, args.quick) if c.label in results] if args.merge else cases
+    report = render(shown, results, peak, info, command.strip(), started, (load_start, os.getloadavg()[0]))
     print()
     print(report)
-    out = args.out or (None if (args.quick or args.only) else str(HERE / "RESULTS.md"))
     if out:
-        Path(out).write_text(report + "\n", encoding="utf-8")
-        Path(out).with_suffix(".json").write_text(json.dumps(
-            {"peak": peak, "machine": info, "results": results}, indent=1) + "\n", encoding="utf-8")
+        Path(out).write_text(report + "\n" + kept_notes(Path(out)), encoding="utf-8")
         print(f"wrote {out}")
 
 
