@@ -44,7 +44,7 @@ def demo_command(
     run_dir = _train(demo, data, out, fresh)
 
     console.rule(f"3. answer the held-out tickets: fine-tuned (bare ticket) vs base ({demo.SHOTS} shots + code book)")
-    heldout = data.heldout if examples <= 0 else _first(data.heldout, examples, out)
+    heldout = data.heldout if examples <= 0 else _first(data.heldout, examples, run_dir / "eval")
     contenders = [Contender("fine-tuned (bare ticket)", str(run_dir), TUNED),
                   Contender(f"{demo.MODEL} + {demo.SHOTS} shots", demo.MODEL, PROMPTED)]
     from tunesmith.cli.evaluate import run_with_progress, show_report
@@ -114,11 +114,13 @@ def _count(path: Path) -> int:
     return sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
 
 
-def _first(heldout: Path, count: int, out: Path) -> Path:
+def _first(heldout: Path, count: int, folder: Path) -> Path:
+    from tunesmith.atomic import atomic_file
+
     lines = heldout.read_text(encoding="utf-8").splitlines(keepends=True)[:count]
-    target = out.parent / f".{out.name}-heldout-{count}.jsonl"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text("".join(lines), encoding="utf-8")
+    target = folder / f"heldout-first-{count}.jsonl"
+    with atomic_file(target, "w", encoding="utf-8") as handle:
+        handle.write("".join(lines))
     return target
 
 
