@@ -133,3 +133,36 @@ def test_compare_settings_report_every_problem(task_files):
         CompareSettings(data="missing.jsonl", validation=str(task_files[1]), methods=["lora", "qlora9"],
                         metric="bleu").validate()
     assert len(info.value.problems) == 3
+
+
+def test_engine_resolves_every_form_of_a_run(tiny_run, tiny_model_path):
+    from tunesmith.infer import Engine, GenerationSettings, locate
+    from tunesmith.infer.chat_defaults import default_system_prompt
+
+    checkpoint = sorted((tiny_run / "checkpoints").iterdir())[-1]
+    sources = [locate(str(tiny_run)), locate(str(tiny_run / "final")), locate(str(checkpoint))]
+    for source in sources:
+        assert source.kind == "adapter" and source.drop_system
+        assert source.base_path.resolve() == Path(tiny_model_path).resolve()
+        assert source.run_path == tiny_run.resolve()
+    assert default_system_prompt(sources[0])[0] is None  # trained without it: none by default
+    engine = Engine(device="cpu")
+    messages = [{"role": "user", "content": "My card was charged twice."}]
+    settings = GenerationSettings(max_tokens=6)
+    answers = {engine.chat(str(ref), messages, settings).text for ref in (tiny_run, tiny_run / "final")}
+    assert len(answers) == 1 and len(engine._bases) == 1
+    assert engine.count_prompt_tokens(str(tiny_run), messages) == len(engine.prompt_ids(str(tiny_run), messages))
+
+
+def test_chat_cli_answers_once_from_flag_and_stdin(tiny_run, tmp_path):
+    from tunesmith.infer import Engine, GenerationSettings
+
+    expected = Engine(device="cpu").chat(str(tiny_run), [{"role": "user", "content": "hello"}],
+                                         GenerationSettings(max_tokens=5)).text
+    done = _cli("chat", str(tiny_run), "--prompt", "hello", "--max-tokens", "5", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == expected + "\n"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    piped = subprocess.run([sys.executable, "-m", "tunesmith", "chat", str(tiny_run), "-n", "5"], input="hello\n",
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert piped.returncode == 0 and piped.stdout == expected + "\n"
