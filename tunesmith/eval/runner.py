@@ -104,6 +104,24 @@ class EvalResult:
 Progress = Callable[[str, int, int], None]
 
 
+@dataclass
+class Task:
+    """The held-out cases and everything decided about them before any model runs."""
+
+    cases: list[Case]
+    metric: str
+    metric_reason: str
+    labels: list[str] | None
+    shots: list[list[dict]]
+    instructions: str | None
+    notes: list[str]
+
+    @property
+    def references(self) -> list[str]:
+        """The expected answers, in case order."""
+        return [c.reference for c in self.cases]
+
+
 def evaluate(contenders: list[Contender], heldout: str | Path, *, metric: str = "auto",
              shots: int = 3, examples_from: str | Path | None = None, max_tokens: int | None = None,
              engine: Engine | None = None, progress: Progress | None = None) -> EvalResult:
@@ -122,68 +140,82 @@ def evaluate(contenders: list[Contender], heldout: str | Path, *, metric: str = 
     Raises:
         TunesmithError / DataError / NotFoundError: a bad metric, file or model, before any generation.
     """
-    from tunesmith.data.examples import load_examples
-
-    check_metric(metric)
-    held_examples = load_examples(heldout, min_examples=1)
-    cases = cases_from(held_examples, str(heldout))
-    references = [c.reference for c in cases]
-    notes: list[str] = []
-    train_examples = load_examples(examples_from, min_examples=1) if examples_from is not None else []
-    if metric == "auto":
-        metric, reason = choose_metric(references, [answer_of(e.messages) for e in train_examples])
-    else:
-        reason = "chosen with --metric"
-    labels = _labels(metric, references, train_examples)
-    _check_metric_fits(metric, references)
-    if any(c.mode == PROMPTED for c in contenders) and shots > 0 and not train_examples:
-        raise TunesmithError(f"{shots} few-shot examples were asked for, but there is no training file to take "
-                             "them from", "pass --examples-from train.jsonl, or --shots 0", param="examples_from")
-    if train_examples:
-        duplicates = overlap([c.turns for c in cases], [e.messages for e in train_examples])
-        if duplicates:
-            notes.append(f"warning: {len(duplicates)} of {len(cases)} held-out examples also appear in "
-                         f"{examples_from}; the fine-tuned model may have seen their answers "
-                         "(split with: tunesmith data split)")
-    shot_list = choose_shots(train_examples, shots, labelled=metric == "choice", avoid=cases)
-    if shots > len(shot_list):
-        notes.append(f"only {len(shot_list)} usable few-shot examples in {examples_from}")
-
+    task = prepare_task(heldout, metric=metric, shots=shots, examples_from=examples_from,
+                        needs_shots=any(c.mode == PROMPTED for c in contenders))
     engine = engine or Engine()
     handles = {}
     for contender in contenders:
         _say(progress, f"loading {contender.label}", 0, len(contenders))
         handles[contender.label] = engine.resolve(contender.ref)
-    instructions = _instructions(cases, train_examples)
     if max_tokens is None:
         longest = max(len(handles[c.label].tokenizer(r, add_special_tokens=False)["input_ids"])
-                      for c in contenders for r in references)
+                      for c in contenders for r in task.references)
         max_tokens = max(MIN_MAX_TOKENS, longest + MAX_TOKENS_MARGIN)
     settings = GenerationSettings(max_tokens=max_tokens, temperature=0.0)
+    answers = _answer_all(engine, handles, contenders, task, settings, progress)
+    results = []
+    for contender in contenders:
+        scored = METRICS[task.metric]([a.text for a in answers[contender.label]], task.references, task.labels)
+        results.append(ModelResult(contender, answers[contender.label], scored, bootstrap_ci(scored.per_example),
+                                   drop_system=handles[contender.label].drop_system and contender.mode == TUNED))
+    return EvalResult(task.metric, task.metric_reason, task.cases, results, task.shots, max_tokens, task.notes,
+                      task.labels)
+
+
+def prepare_task(heldout: str | Path, *, metric: str, shots: int, examples_from: str | Path | None,
+                 needs_shots: bool) -> Task:
+    """Read the held-out and training files, choose the metric and the worked examples.
+
+    Raises:
+        TunesmithError / DataError: an unknown metric, answers that do not fit it, or shots without a training file.
+    """
+    from tunesmith.data.examples import load_examples
+
+    check_metric(metric)
+    cases = cases_from(load_examples(heldout, min_examples=1), str(heldout))
+    references = [c.reference for c in cases]
+    train_examples = load_examples(examples_from, min_examples=1) if examples_from is not None else []
+    if metric == "auto":
+        metric, reason = choose_metric(references, [answer_of(e.messages) for e in train_examples])
+    else:
+        reason = "chosen with --metric"
+    _check_metric_fits(metric, references)
+    if needs_shots and shots > 0 and not train_examples:
+        raise TunesmithError(f"{shots} few-shot examples were asked for, but there is no training file to take "
+                             "them from", "pass --examples-from train.jsonl, or --shots 0", param="examples_from")
+    notes: list[str] = []
+    duplicates = overlap([c.turns for c in cases], [e.messages for e in train_examples])
+    if duplicates:
+        notes.append(f"warning: {len(duplicates)} of {len(cases)} held-out examples also appear in "
+                     f"{examples_from}; the fine-tuned model may have seen their answers "
+                     "(split with: tunesmith data split)")
+    shot_list = choose_shots(train_examples, shots, labelled=metric == "choice", avoid=cases)
+    if shots > len(shot_list):
+        notes.append(f"only {len(shot_list)} usable few-shot examples in {examples_from}")
+    return Task(cases, metric, reason, _labels(metric, references, train_examples), shot_list,
+                _instructions(cases, train_examples), notes)
+
+
+def _answer_all(engine: Engine, handles: dict, contenders: list[Contender], task: Task,
+                settings: GenerationSettings, progress: Progress | None) -> dict[str, list[Answer]]:
+    """Every contender answers every case, taking turns case by case, after one unmeasured warm-up each."""
 
     def request(contender: Contender, case: Case) -> list[dict]:
         if contender.mode == TUNED:
             return trained_messages(case, handles[contender.label].drop_system)
-        return prompted_messages(case, shot_list, instructions)
+        return prompted_messages(case, task.shots, task.instructions)
 
-    for contender in contenders:  # warm-up, not measured
-        engine.chat(handles[contender.label], request(contender, cases[0]), settings)
+    for contender in contenders:
+        engine.chat(handles[contender.label], request(contender, task.cases[0]), settings)
     answers: dict[str, list[Answer]] = {c.label: [] for c in contenders}
-    total = len(cases) * len(contenders)
-    for i, case in enumerate(cases):
+    total = len(task.cases) * len(contenders)
+    for i, case in enumerate(task.cases):
         for j, contender in enumerate(contenders):
             done = engine.chat(handles[contender.label], request(contender, case), settings)
             answers[contender.label].append(Answer(done.text, done.prompt_tokens, done.completion_tokens,
                                                    done.latency_s, done.finish_reason))
             _say(progress, "answering", i * len(contenders) + j + 1, total)
-
-    results = []
-    for contender in contenders:
-        predictions = [a.text for a in answers[contender.label]]
-        scored = METRICS[metric](predictions, references, labels)
-        results.append(ModelResult(contender, answers[contender.label], scored, bootstrap_ci(scored.per_example),
-                                   drop_system=handles[contender.label].drop_system and contender.mode == TUNED))
-    return EvalResult(metric, reason, cases, results, shot_list, max_tokens, notes, labels)
+    return answers
 
 
 def _labels(metric: str, references: list[str], train_examples) -> list[str] | None:
