@@ -25,6 +25,14 @@ FAST = {"TUNESMITH_HEARTBEAT_S": "0.5", "TUNESMITH_STALE_AFTER_S": "4", "TUNESMI
 FINISHED = ("succeeded", "failed", "cancelled")
 
 
+def _die_with_us() -> None:
+    """In the server's process, before exec: a killed test run must not leave servers behind."""
+    from tunesmith.service.lifeline import PR_SET_PDEATHSIG
+    import ctypes
+
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -51,7 +59,8 @@ class Server:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tunesmith", "serve", "--port", str(self.port), "--workers", str(self.workers),
              "--log-level", "warning"],
-            env=self.env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+            env=self.env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_die_with_us)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -95,7 +104,7 @@ class Server:
 
     def start_worker(self) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", "tunesmith", "worker"], env=self.env,
-                                stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
+                                stdout=self.log.open("ab"), stderr=subprocess.STDOUT, preexec_fn=_die_with_us)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -21,6 +21,7 @@ from tunesmith.service.lifeline import child_env
 log = logging.getLogger("tunesmith.service.server")
 
 RESTART_DELAY_S = 1.0
+MAX_RESTART_DELAY_S = 60.0
 
 
 class WorkerPool:
@@ -49,15 +50,26 @@ class WorkerPool:
 
     def _supervise(self) -> None:
         self.processes = [self._spawn() for _ in range(self.count)]
+        started = [time.monotonic()] * self.count
+        delays = [RESTART_DELAY_S] * self.count
         log.info("started %d worker(s): pids %s", self.count, [p.pid for p in self.processes])
         while not self._stop.wait(0.5):
             for index, process in enumerate(self.processes):
                 code = process.poll()
-                if code is not None and not self._stop.is_set():
-                    log.warning("worker pid %d exited with %s; starting another", process.pid, code)
-                    time.sleep(RESTART_DELAY_S)
-                    self.processes[index] = self._spawn()
-                    self.restarts += 1
+                if code is None or self._stop.is_set():
+                    continue
+                # a worker that keeps exiting at once by itself (a broken setting, say) is restarted ever
+                # more slowly; one killed by a signal (OOM killer, an operator) is replaced at once
+                lived = time.monotonic() - started[index]
+                failing = code > 0 and lived < 10
+                delays[index] = min(delays[index] * 2, MAX_RESTART_DELAY_S) if failing else RESTART_DELAY_S
+                log.warning("worker pid %d exited with %s after %.0f s; starting another in %.0f s",
+                            process.pid, code, lived, delays[index])
+                if self._stop.wait(delays[index]):
+                    break
+                self.processes[index] = self._spawn()
+                started[index] = time.monotonic()
+                self.restarts += 1
         self._shutdown()
 
     def _shutdown(self) -> None:
