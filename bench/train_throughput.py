@@ -82,13 +82,13 @@ def all_cases(steps: int, quick: bool) -> list[Case]:
                   Case("main", "recipe-fast", method, "fp32", steps=steps),
                   Case("main", "recipe-fast", method, "bf16", steps=steps)]
     for max_len in (256, 512, 1024):
-        short = max(6, steps // 2)
+        short = max(4, steps // 2)
         for runner, precision in (("trainer", "fp32"), ("recipe-fast", "fp32"), ("recipe-fast", "bf16")):
             cases.append(Case("length", runner, "lora", precision, min_len=int(max_len * 0.32), max_len=max_len,
                               steps=short))
     for runner, precision in (("trainer", "fp32"), ("trainer", "bf16"), ("recipe-fast", "fp32"),
                               ("recipe-fast", "bf16")):
-        cases.append(Case("gemma", runner, "lora", precision, model="gemma3-270m", steps=max(6, steps // 2)))
+        cases.append(Case("gemma", runner, "lora", precision, model="gemma3-270m", steps=max(4, steps // 2)))
     return cases
 
 

@@ -13,9 +13,14 @@ restarting at each example, and attention computed example by example
 kernel). The decoder's hidden states are then gathered at the labelled positions
 only, and the output layer plus cross-entropy runs on those rows in chunks
 (:func:`linear_cross_entropy`), computing the gradient on the way forward so the
-full logits never exist at once.
+full logits never exist at once. Plain LoRA layers run one autograd function that
+folds the adapter's scale and sum into ``addmm`` (:func:`fused_lora`).
 
-Each piece gives the same loss as the plain padded path (tests/train/test_fast.py).
+The recipe calls two functions: :func:`pack_batches` where it would pad, and
+:func:`packed_token_loss` where it would run the model and the loss. bf16 autocast
+pays on CPUs with AMX or AVX512-BF16 (:func:`cpu_has_fast_bf16`). Each piece gives
+the plain padded path's loss and gradients (tests/train/test_fast.py); the
+measurements that chose them are in bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -352,14 +357,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                         chunk_rows: int = 1024, softcap: float | None = None) -> tuple[torch.Tensor, int]:
+                         chunk_rows: int | None = None, softcap: float | None = None) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy of the logits ``hidden @ weight.T`` (rows x vocab), never all materialised.
 
     Args:
         hidden: ``[rows, d]`` hidden states at the labelled positions.
         weight: ``[vocab, d]`` output-layer weight (tied embeddings included).
         targets: ``[rows]`` token ids, none ignored.
-        chunk_rows: rows per chunk: memory is ``chunk_rows x vocab`` floats.
+        chunk_rows: rows per chunk (memory is ``chunk_rows x vocab`` floats); default: 128 MiB of logits.
         softcap: final logit soft-capping (``tanh(x/c)*c``), as some Gemma models use.
 
     Returns:
@@ -368,6 +373,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     """
     if hidden.shape[0] == 0:
         return hidden.sum() * 0.0, 0  # keeps the graph: no labelled token in this batch
+    if chunk_rows is None:
+        chunk_rows = max(64, (128 << 20) // (4 * weight.shape[0]))
     compute_dtype = weight.dtype
     if torch.is_autocast_enabled(hidden.device.type):
         compute_dtype = torch.get_autocast_dtype(hidden.device.type)
@@ -376,7 +383,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     return total, int(correct)
 
 
-def packed_token_loss(model, batch: PackedBatch, *, chunk_rows: int = 1024) -> tuple[torch.Tensor, int]:
+def packed_token_loss(model, batch: PackedBatch, *, chunk_rows: int | None = None) -> tuple[torch.Tensor, int]:
     """Summed next-token loss over the labelled tokens of ``batch``, and how many the model got right.
 
     The decoder runs once over the packed row; the output layer only on the
@@ -408,9 +415,15 @@ def packed_token_loss(model, batch: PackedBatch, *, chunk_rows: int = 1024) -> t
 
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU multiplies bf16 matrices natively (AMX or AVX512-BF16)."""
-    return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    try:
+        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    except AttributeError:  # a torch without these probes: assume not
+        return False
 
 
 def fast_adamw(params, *, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8):
-    """AdamW with the fused kernel (one pass over each tensor; CPU and CUDA since torch 2.4)."""
+    """AdamW with the fused kernel (one pass over each tensor; CPU and CUDA since torch 2.4).
+
+    On the 2-core CPU it measured level with the default foreach kernel (bench/RESULTS.md).
+    """
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, fused=True)
