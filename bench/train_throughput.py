@@ -380,11 +380,12 @@ def render(cases: list[Case], results: dict[str, dict], peak: dict, info: dict, 
     def baseline(case: Case, precision: str) -> dict:
         return get(replace(case, runner="trainer", precision=precision))
 
+    load_note = "" if loads is None else f"load average {loads[0]:.2f} at the start, {loads[1]:.2f} at the end; "
     lines = [
         "# Training throughput",
         "",
-        f"Measured {started} with `{command}` (load average {loads[0]:.2f} at the start, {loads[1]:.2f} at the "
-        "end: other work on the machine slows every runner alike only if it is steady).",
+        f"Measured {started} with `{command}` ({load_note}each row gives its own time and the 1-minute load "
+        "average after it: other work on the machine slows every runner alike only if it is steady).",
         "",
         f"- Machine: {info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads), "
         f"bf16 units: {', '.join(info['bf16_units']) or 'none'}; Python {info['python']}.",
@@ -412,8 +413,8 @@ def render(cases: list[Case], results: dict[str, dict], peak: dict, info: dict, 
             continue
         lines += [f"## {titles[group]}", "",
                   "| max len | method | runner | precision | real tokens/s | vs Trainer | vs Trainer fp32 | "
-                  "peak RSS MiB | loss | loss vs Trainer | MFU | steps |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "peak RSS MiB | loss | loss vs Trainer | MFU | steps | measured (load avg) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for case in members:
             r = get(case)
             if "error" in r or not r:
@@ -428,7 +429,8 @@ def render(cases: list[Case], results: dict[str, dict], peak: dict, info: dict, 
                 f"| {case.max_len} | {case.method} | {case.runner} | {case.precision} | {r['tokens_per_s']:.0f} | "
                 f"{ratio(r['tokens_per_s'], same.get('tokens_per_s'))} | "
                 f"{ratio(r['tokens_per_s'], fp32.get('tokens_per_s'))} | {r['peak_rss_mib']:.0f} | "
-                f"{loss:.4f} | {loss_delta} | {r['mfu'] * 100:.0f}% | {r.get('steps', case.steps)} |")
+                f"{loss:.4f} | {loss_delta} | {r['mfu'] * 100:.0f}% | {r.get('steps', case.steps)} | "
+                f"{r.get('measured', '-')} ({r.get('load', '-')}) |")
         lines.append("")
     return "\n".join(lines)
 
@@ -453,6 +455,7 @@ def main() -> None:
                         "none with --quick or --only)")
     parser.add_argument("--merge", action="store_true", help="add to the results already in --out's .json "
                         "(cases measured again replace theirs) instead of starting a new table")
+    parser.add_argument("--report", action="store_true", help="only rewrite --out from its .json (no runs)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -461,6 +464,17 @@ def main() -> None:
         print("RESULT " + json.dumps(result), flush=True)
         return
     steps = args.steps or (4 if args.quick else 16)
+    if args.report:
+        out = Path(args.out or HERE / "RESULTS.md")
+        saved = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
+        shown = [c for c in all_cases(steps, False) if c.label in saved["results"]]
+        times = sorted(r.get("measured", "") for r in saved["results"].values())
+        report = render(shown, saved["results"], saved["peak"], saved["machine"],
+                        "python bench/train_throughput.py --merge --steps N --only CASES",
+                        f"between {times[0]} and {times[-1]} in several invocations", None)
+        out.write_text(report + "\n" + kept_notes(out), encoding="utf-8")
+        print(report)
+        return
     cases = all_cases(steps, args.quick)
     if args.only:
         wanted = args.only.split(",")
@@ -485,7 +499,8 @@ def main() -> None:
                   flush=True)
         else:
             print(f"{case.label:55s} FAILED: {result['error']}", flush=True)
-        results[case.label] = {**result, "steps": case.steps, "measured": time.strftime("%H:%M UTC", time.gmtime()),
+        results[case.label] = {**result, "steps": case.steps, "load": round(os.getloadavg()[0], 1),
+                               "measured": time.strftime("%H:%M UTC", time.gmtime()),
                                "peak": peak[case.precision]}
         if raw is not None:  # after each case, so an interrupted run keeps what it measured
             raw.write_text(json.dumps({"peak": peak, "machine": info, "results": results}, indent=1) + "\n",
