@@ -32,6 +32,9 @@ def plan_eval(*, tuned: str | None, base: str | None, baselines: list[str], shot
         NotFoundError: a model or run that does not exist, or a missing examples file.
         TunesmithError: nothing to evaluate, or no base model known for a plain model folder.
     """
+    if shots < 0:
+        raise TunesmithError(f"--shots must be 0 or more, got {shots}", "pass --shots 3, or 0 for none",
+                             param="shots")
     if tuned is None and base is None:
         raise TunesmithError("nothing to evaluate", "pass --tuned RUN (and optionally --base MODEL)", param="tuned")
     contenders: list[Contender] = []
