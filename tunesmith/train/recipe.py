@@ -30,6 +30,7 @@ from tunesmith.models.export import is_disk_full
 from tunesmith.models.loading import apply_chat_template_and_eos, load_causal_lm, load_tokenizer, pick_device
 from tunesmith.train import batches as data
 from tunesmith.train import checkpoint as ckpt
+from tunesmith.train import fast
 from tunesmith.train import hyperparams
 from tunesmith.train.config import AUTO, RESUME_LOCKED, TrainConfig
 from tunesmith.train.methods import get_method
@@ -230,7 +231,7 @@ class _Session:
                 raise TunesmithError("the checkpoint's data order does not match the training data",
                                      "the training file changed since the run started; start a new run")
             progress.epoch, progress.data_order = epoch, order
-            groups = data.group(data.make_batches(training.train, order, resolved["batch_size"], pad_id),
+            groups = data.group(make_batches(training.train, order, resolved["batch_size"], pad_id),
                                 config.gradient_accumulation_steps)
             for index in range(progress.group_in_epoch, len(groups)):
                 stats = train_step(model, groups[index], optimizer, scheduler, trainable,
@@ -395,12 +396,26 @@ class _Session:
 
 
 # -------------------------------------------------------------------- one step
-def token_loss(model, batch: data.Batch) -> tuple[torch.Tensor, int]:
+# The training step packs each batch's examples into one row (attention never crosses an
+# example) and runs the output layer only at labelled positions: no compute on padding or
+# on the vocabulary projection of prompt tokens. Same gradient as the padded path
+# (tests/train/test_fast.py); figures in bench/RESULTS.md.
+USES_FAST_STEP = True
+
+
+def make_batches(samples, order, batch_size: int, pad_id: int) -> list:
+    """The batches of one pass over ``samples`` in ``order``: packed, unpadded."""
+    return fast.pack_batches(samples, order, batch_size, pad_id)
+
+
+def token_loss(model, batch) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over labelled tokens, and how many of them the model got right.
 
-    Only positions with a label are projected through the loss (and counted for
-    accuracy): prompt, system and padding tokens cost nothing here.
+    A packed batch takes the fast path; a padded :class:`data.Batch` the plain one,
+    where only positions with a label are projected through the loss.
     """
+    if isinstance(batch, fast.PackedBatch):
+        return fast.packed_token_loss(model, batch)
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
     labels = batch.labels[:, 1:]
     mask = labels != data.IGNORE_INDEX
@@ -445,7 +460,7 @@ def evaluate(model, samples: list[data.Sample], batch_size: int, pad_id: int, de
     was_training = model.training
     model.eval()
     loss_sum, correct, labelled = 0.0, 0, 0
-    for batch in data.make_batches(samples, list(range(len(samples))), batch_size, pad_id):
+    for batch in make_batches(samples, list(range(len(samples))), batch_size, pad_id):
         batch = batch.to(device)
         with autocast():
             loss, right = token_loss(model, batch)
