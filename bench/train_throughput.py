@@ -46,7 +46,7 @@ from chatdata import make_conversations, tokenize_conversation  # noqa: E402
 BATCH_SIZE = 4
 WARMUP_STEPS = 2
 SEED = 42
-LEARNING_RATE = {"lora": 2e-4, "full": 2e-5}  # the recipe's defaults for a ~100M model
+LEARNING_RATE = {"lora": 2e-4, "full": 2e-5}  # the recipe's base rates; see learning_rate()
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}  # the recipe's defaults
 WARMUP_RATIO = 0.05
 
@@ -90,6 +90,18 @@ def all_cases(steps: int, quick: bool) -> list[Case]:
                               ("recipe-fast", "bf16")):
         cases.append(Case("gemma", runner, "lora", precision, model="gemma3-270m", steps=max(4, steps // 2)))
     return cases
+
+
+def learning_rate(case: Case) -> float:
+    """The rate the recipe resolves for ``case`` (full fine-tuning scales down past its reference size)."""
+    from tunesmith.models.store import resolve_model
+    from tunesmith.train.hyperparams import REFERENCE_PARAMETERS
+
+    if case.method == "lora":
+        return LEARNING_RATE["lora"]
+    info = resolve_model(case.model).info
+    parameters = info.parameters if info is not None else REFERENCE_PARAMETERS
+    return LEARNING_RATE["full"] * min(1.0, math.sqrt(REFERENCE_PARAMETERS / parameters))
 
 
 # ============================================================================ data
@@ -165,7 +177,7 @@ def run_hf(case: Case, path: Path, tokenizer, conversations, encoded, order, scr
 
     lora = LoraConfig(task_type="CAUSAL_LM", **LORA) if case.method == "lora" else None
     common = dict(output_dir=str(scratch / "out"), per_device_train_batch_size=BATCH_SIZE, max_steps=case.steps,
-                  learning_rate=LEARNING_RATE[case.method], logging_steps=1, save_strategy="no", report_to="none",
+                  learning_rate=learning_rate(case), logging_steps=1, save_strategy="no", report_to="none",
                   train_sampling_strategy="sequential", seed=SEED, use_cpu=True, disable_tqdm=True,
                   dataloader_num_workers=0)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -218,9 +230,9 @@ def run_recipe(case: Case, conversations, scratch: Path) -> dict:
                              "lora_dropout": LORA["lora_dropout"]} if case.method == "lora" else {}))
     started = time.perf_counter()
     result = train(config, on_event=on_event)
-    if abs(result.resolved["learning_rate"] - LEARNING_RATE[case.method]) > 1e-12:
+    if abs(result.resolved["learning_rate"] - learning_rate(case)) > 1e-12:
         raise SystemExit(f"the recipe resolved learning rate {result.resolved['learning_rate']}, "
-                         f"the baselines use {LEARNING_RATE[case.method]}")
+                         f"the baselines use {learning_rate(case)}")
     tokens = clock["tokens"]
     clock["step_tokens"] = [b - a for a, b in zip([0] + tokens, tokens)]
     clock["first_step_s"] = clock["ends"][0] - started
@@ -395,7 +407,8 @@ def render(cases: list[Case], results: dict[str, dict], peak: dict, info: dict, 
         f"- Batches of {BATCH_SIZE} generated chat examples (system + user + assistant, the answer 20-40% of the "
         "tokens), loss on the assistant answer only; the same batches in the same order for every runner; "
         f"LoRA r={LORA['r']} alpha={LORA['lora_alpha']} dropout={LORA['lora_dropout']} on all linear layers, "
-        f"learning rate {LEARNING_RATE['lora']} (LoRA) / {LEARNING_RATE['full']} (full), cosine schedule.",
+        f"learning rate {LEARNING_RATE['lora']} (LoRA) / {LEARNING_RATE['full']} scaled by the recipe's size rule "
+        "(full), cosine schedule, 5% warm-up.",
         f"- tokens/s counts real (non-padding) tokens over the steps after the first {WARMUP_STEPS}; peak RSS is "
         "each run's own process; loss is the mean training loss of the last 4 steps; MFU counts the useful "
         "FLOPs (no padding, output layer at labelled positions only) against the matmul peak of the run's "
