@@ -9,9 +9,10 @@ hyperparameters:
   pad-to-longest collator and assistant-only labels: what most tutorials run;
 - ``trl``: TRL's ``SFTTrainer`` with its default settings (bf16 autocast and
   gradient checkpointing on; loss on every token, so its loss is not comparable);
-- ``recipe``: ``tunesmith.train.recipe.train`` as it is;
-- ``recipe-fast``: the same recipe with the pieces of ``tunesmith.train.fast``
-  (packed batches, per-example attention, output layer on labelled tokens only).
+- ``tunesmith``: ``tunesmith.train.recipe.train`` as a user runs it (packed batches,
+  per-example attention, output layer on labelled tokens only: ``tunesmith.train.fast``),
+  at the precision of the row (``--precision fp32`` or ``bf16``; the recipe's ``auto``
+  picks bf16 on CPUs with AMX or AVX512-BF16).
 
 For each: real (non-padding) tokens/s over the timed steps (the first
 ``WARMUP_STEPS`` are not timed), peak RSS, the loss after the same number of
@@ -47,8 +48,9 @@ BATCH_SIZE = 4
 WARMUP_STEPS = 2
 SEED = 42
 LEARNING_RATE = {"lora": 2e-4, "full": 2e-5}  # the recipe's base rates; see learning_rate()
-LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}  # the recipe's defaults
+LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}  # the recipe's defaults
 WARMUP_RATIO = 0.05
+TRL_STEPS = 4  # TRL's defaults (gradient checkpointing, loss on every token) are slow on a CPU: a few steps tell
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ class Case:
     """One measured configuration."""
 
     group: str  # main | length | gemma
-    runner: str  # trainer | trl | recipe | recipe-fast
+    runner: str  # trainer | trl | tunesmith
     method: str  # lora | full
     precision: str  # fp32 | bf16
     model: str = "smollm2-135m"
@@ -72,22 +74,21 @@ class Case:
 def all_cases(steps: int, quick: bool) -> list[Case]:
     """The full comparison, or a smoke subset with ``quick``."""
     if quick:
-        return [Case("main", runner, "lora", "fp32", steps=steps) for runner in ("trainer", "recipe-fast")]
+        return [Case("main", runner, "lora", "fp32", steps=steps) for runner in ("trainer", "tunesmith")]
     cases = []
     for method in ("lora", "full"):
         cases += [Case("main", "trainer", method, "fp32", steps=steps),
                   Case("main", "trainer", method, "bf16", steps=steps),
-                  Case("main", "trl", method, "bf16", steps=steps),
-                  *([Case("main", "recipe", method, "fp32", steps=steps)] if method == "lora" else []),
-                  Case("main", "recipe-fast", method, "fp32", steps=steps),
-                  Case("main", "recipe-fast", method, "bf16", steps=steps)]
+                  Case("main", "trl", method, "bf16", steps=TRL_STEPS),
+                  Case("main", "tunesmith", method, "fp32", steps=steps),
+                  Case("main", "tunesmith", method, "bf16", steps=steps)]
     for max_len in (256, 512, 1024):
         short = max(4, steps // 2)
-        for runner, precision in (("trainer", "fp32"), ("recipe-fast", "fp32"), ("recipe-fast", "bf16")):
+        for runner, precision in (("trainer", "fp32"), ("tunesmith", "fp32"), ("tunesmith", "bf16")):
             cases.append(Case("length", runner, "lora", precision, min_len=int(max_len * 0.32), max_len=max_len,
                               steps=short))
-    for runner, precision in (("trainer", "fp32"), ("trainer", "bf16"), ("recipe-fast", "fp32"),
-                              ("recipe-fast", "bf16")):
+    for runner, precision in (("trainer", "fp32"), ("trainer", "bf16"), ("tunesmith", "fp32"),
+                              ("tunesmith", "bf16")):
         cases.append(Case("gemma", runner, "lora", precision, model="gemma3-270m", steps=max(4, steps // 2)))
     return cases
 
@@ -211,8 +212,6 @@ def run_recipe(case: Case, conversations, scratch: Path) -> dict:
     from tunesmith.train.config import TrainConfig
     from tunesmith.train.recipe import train
 
-    if case.runner == "recipe-fast":
-        use_fast_step(case.precision)
     data = scratch / "train.jsonl"
     data.write_text("".join(json.dumps(c) + "\n" for c in conversations), encoding="utf-8")
     clock: dict[str, list] = {"ends": [], "losses": [], "tokens": []}
@@ -225,7 +224,7 @@ def run_recipe(case: Case, conversations, scratch: Path) -> dict:
 
     config = TrainConfig(model=case.model, data=str(data), method=case.method, epochs=1, batch_size=BATCH_SIZE,
                          learning_rate_multiplier=1.0, max_length=4096, seed=SEED, out=str(scratch / "run"),
-                         warmup_ratio=WARMUP_RATIO, schedule="cosine", device="cpu",
+                         warmup_ratio=WARMUP_RATIO, schedule="cosine", device="cpu", precision=case.precision,
                          **({"lora_r": LORA["r"], "lora_alpha": LORA["lora_alpha"],
                              "lora_dropout": LORA["lora_dropout"]} if case.method == "lora" else {}))
     started = time.perf_counter()
@@ -237,28 +236,6 @@ def run_recipe(case: Case, conversations, scratch: Path) -> dict:
     clock["step_tokens"] = [b - a for a, b in zip([0] + tokens, tokens)]
     clock["first_step_s"] = clock["ends"][0] - started
     return clock
-
-
-def use_fast_step(precision: str) -> None:
-    """Give the recipe the fast step until it calls ``tunesmith.train.fast`` itself.
-
-    Replaces padded batches with packed ones and the full-logits loss with the
-    labelled-rows loss, and turns on bf16 autocast when asked: exactly the change
-    the recipe is to make (see bench/README.md).
-    """
-    import torch
-
-    from tunesmith.train import batches, fast, recipe
-
-    if not getattr(recipe, "USES_FAST_STEP", False):
-        def token_loss(model, batch):
-            with fast.packed_attention(model):
-                return fast.packed_token_loss(model, batch)
-
-        recipe.token_loss = token_loss
-        batches.make_batches = fast.pack_batches
-    if precision == "bf16":
-        recipe._autocast = lambda device: (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
 
 
 # ============================================================================ peak, FLOPs, machine
@@ -461,7 +438,7 @@ def kept_notes(path: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 4 steps, LoRA, Trainer vs recipe-fast")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 4 steps, LoRA, Trainer vs tunesmith")
     parser.add_argument("--steps", type=int, default=None, help="steps per case in the main group (default 16)")
     parser.add_argument("--only", default=None, help="comma-separated substrings; run the cases whose label has one")
     parser.add_argument("--out", default=None, help="where to write the table (default bench/RESULTS.md; "

@@ -14,13 +14,14 @@ def test_every_problem_is_reported_at_once(tmp_path):
                          validation=str(tmp_path / "also-missing.jsonl"), method="qlora", epochs=0,
                          batch_size="many", learning_rate_multiplier=-1.0, lora_r=0, lora_dropout=1.5,
                          target_modules=[], max_length=4, suffix="bad suffix!", schedule="step",
-                         warmup_ratio=2.0, gradient_accumulation_steps=0, device="tpu")
+                         warmup_ratio=2.0, gradient_accumulation_steps=0, device="tpu",
+                         precision="fp16")
     with pytest.raises(ConfigError) as caught:
         config.validate()
     fields = [problem.split(":")[0] for problem in caught.value.problems]
     assert fields == ["model", "data", "validation", "method", "epochs", "batch_size",
                       "learning_rate_multiplier", "lora_r", "lora_dropout", "target_modules", "max_length",
-                      "suffix", "gradient_accumulation_steps", "warmup_ratio", "schedule", "device"]
+                      "suffix", "gradient_accumulation_steps", "warmup_ratio", "schedule", "device", "precision"]
     assert "no-such-model" in caught.value.problems[0] and "smollm2-135m" in caught.value.problems[0]
 
 

@@ -157,6 +157,31 @@ def test_resume_keeps_the_runs_automatic_batch_size(tiny_model_path, tmp_path, m
     assert any("batch_size 2 kept from the run" in e.message for e in events)
 
 
+def test_precision_auto_follows_the_hardware():
+    from tunesmith.train.fast import cpu_has_fast_bf16
+    from tunesmith.train.recipe import resolve_precision
+
+    assert resolve_precision("auto", CPU) == ("bf16" if cpu_has_fast_bf16() else "fp32")
+    assert resolve_precision("fp32", CPU) == "fp32" and resolve_precision("bf16", CPU) == "bf16"
+
+
+def test_bf16_run_learns_and_resumes_exactly(trained, tmp_path):
+    config, fp32, _ = trained("lora")
+    config = replace(config, precision="bf16", out=str(tmp_path / "bf16"))
+    result = train(config)
+    assert read_manifest(result.run_dir)["resolved"]["precision"] == "bf16"
+    losses = [r["train_loss"] for r in read_metrics(result.run_dir / "metrics.csv")]
+    fp32_losses = [r["train_loss"] for r in read_metrics(fp32.run_dir / "metrics.csv")]
+    assert losses[-1] < losses[0]
+    assert losses[-1] == pytest.approx(fp32_losses[-1], rel=0.05)  # bf16 matmuls, fp32 weights and loss
+
+    out = tmp_path / "bf16-resumed"
+    train(replace(config, out=str(out)), should_stop=_stop_at(step=4))
+    train(replace(config, out=str(out)), resume=True)
+    resumed = [r["train_loss"] for r in read_metrics(out / "metrics.csv")]
+    assert resumed == pytest.approx(losses, abs=1e-5)
+
+
 def _stop_at(step: int):
     calls = {"n": 0}
 

@@ -38,6 +38,8 @@ def quick_config(model, data, out, **overrides) -> TrainConfig:
     method = overrides.get("method", "lora")
     settings = dict(model=str(model), data=str(data), out=str(out), method=method, epochs=2, batch_size=4,
                     learning_rate_multiplier=LEARNING_RATE_MULTIPLIER[method], max_length=64, seed=7,
-                    device="cpu", warmup_ratio=0.0)
+                    device="cpu", warmup_ratio=0.0, precision="fp32")
+    if method != "full":
+        settings["lora_dropout"] = 0.05  # so that resuming must restore the dropout RNG too
     settings.update(overrides)
     return TrainConfig(**settings)

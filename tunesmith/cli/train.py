@@ -22,6 +22,7 @@ OPTION_FIELDS = {
     "suffix": "suffix", "save_every": "save_every_steps", "validation_split": "validation_split",
     "eval_every": "eval_every_steps", "replay": "replay", "gradient_accumulation_steps": "gradient_accumulation_steps",
     "warmup_ratio": "warmup_ratio", "schedule": "schedule", "max_grad_norm": "max_grad_norm", "device": "device",
+    "precision": "precision",
 }
 
 
@@ -42,7 +43,7 @@ def train_command(
     learning_rate_multiplier: Optional[str] = typer.Option(None, "--learning-rate-multiplier", help="X or auto"),
     lora_r: Optional[int] = typer.Option(None, "--lora-r", help="LoRA rank (16)"),
     lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", help="LoRA alpha (32)"),
-    lora_dropout: Optional[float] = typer.Option(None, "--lora-dropout", help="LoRA dropout (0.05)"),
+    lora_dropout: Optional[float] = typer.Option(None, "--lora-dropout", help="LoRA dropout (0)"),
     target_modules: Optional[list[str]] = typer.Option(
         None, "--target-modules", help="all-linear (default), or module names (repeat or comma-separate)"),
     rslora: bool = typer.Option(False, "--rslora", help="rank-stabilised LoRA scaling (alpha/sqrt(r))"),
@@ -64,6 +65,8 @@ def train_command(
     schedule: Optional[str] = typer.Option(None, "--schedule", help="cosine (default), linear or constant"),
     max_grad_norm: Optional[float] = typer.Option(None, "--max-grad-norm", help="gradient clipping (1.0)"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: CUDA if present)"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="auto (bf16 where the hardware has native "
+                                            "bf16 matmul, else fp32), fp32 or bf16"),
 ) -> None:
     """Fine-tune a model on your data (LoRA by default; --method full trains every weight)."""
     given = {name: value for name, value in locals().items() if name in OPTION_FIELDS and value is not None}
@@ -170,7 +173,7 @@ class TrainingView:
 SHOWN_AT_START = ("method", "n_epochs", "batch_size", "gradient_accumulation_steps", "learning_rate_multiplier",
                   "learning_rate", "total_steps", "warmup_steps", "schedule", "lora_r", "lora_alpha",
                   "lora_dropout", "target_modules", "use_rslora", "use_dora", "trainable_parameters",
-                  "n_train_examples", "n_replay_examples", "n_valid_examples", "device", "weights_dtype", "autocast")
+                  "n_train_examples", "n_replay_examples", "n_valid_examples", "device", "weights_dtype", "precision")
 
 
 def resolved_table(resolved: dict, keys: tuple[str, ...] | None = None) -> Table:

@@ -17,6 +17,7 @@ from tunesmith.errors import ConfigError
 
 AUTO = "auto"
 SCHEDULES = ("cosine", "linear", "constant")
+PRECISIONS = (AUTO, "fp32", "bf16")
 # Settings that must not change between a run and its resume: they shape the data
 # order, the model or the optimisation, so a different value would not continue the run.
 RESUME_LOCKED = (
@@ -52,6 +53,9 @@ class TrainConfig:
         eval_every_steps: validation interval; None = about five evaluations per run.
         gradient_accumulation_steps, warmup_ratio, schedule, max_grad_norm: the optimisation.
         device: ``cuda``, ``cuda:1``, ``cpu``...; None = CUDA when present.
+        precision: ``fp32``, ``bf16`` (autocast: matmuls in bf16, weights, optimizer and loss in
+            fp32) or ``auto`` = bf16 where the hardware multiplies bf16 natively (a CUDA GPU with
+            bf16, a CPU with AMX or AVX512-BF16), fp32 elsewhere.
     """
 
     model: str
@@ -63,7 +67,7 @@ class TrainConfig:
     learning_rate_multiplier: float | str = AUTO
     lora_r: int = 16
     lora_alpha: int = 32
-    lora_dropout: float = 0.05
+    lora_dropout: float = 0.0
     target_modules: list[str] | str = "all-linear"
     use_rslora: bool = False
     max_length: int = 1024
@@ -80,6 +84,7 @@ class TrainConfig:
     schedule: str = "cosine"
     max_grad_norm: float = 1.0
     device: str | None = None
+    precision: str = AUTO
 
     def validate(self) -> None:
         """Check every setting and the files they name; never loads a model.
@@ -134,6 +139,8 @@ class TrainConfig:
         problems += _number("max_grad_norm", self.max_grad_norm, integer=False, minimum=0.0, maximum=1e6,
                             exclusive_min=True)
         problems += _device_problems(self.device)
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         return problems
 
     def to_dict(self) -> dict[str, Any]:

@@ -44,7 +44,7 @@ from tunesmith.train.source import ModelSource, ancestor_training_files, resolve
 EVALUATIONS_PER_RUN = 5
 # Resolved values that fix the sequence of steps: a resumed run keeps the ones it started with.
 RESOLVED_LOCKED = ("n_epochs", "batch_size", "learning_rate_multiplier", "learning_rate", "steps_per_epoch",
-                   "total_steps", "warmup_steps", "eval_every_steps")
+                   "total_steps", "warmup_steps", "eval_every_steps", "precision")
 WEIGHT_DECAY = 0.0  # small data, few steps: decay only fights the fit; adapters start at zero anyway
 
 
@@ -221,7 +221,7 @@ class _Session:
         """Train until the last epoch ends (returns None) or a stop is asked (returns the reason)."""
         config = self.config
         pad_id = resolved["pad_token_id"]
-        autocast = _autocast(device)
+        autocast = autocast_for(resolved["precision"], device)
         session_start, session_tokens = time.perf_counter(), 0
         elapsed_before = progress.elapsed_s
         for epoch in range(progress.epoch, resolved["n_epochs"]):
@@ -510,7 +510,7 @@ def resolve_hyperparameters(config: TrainConfig, method, model, training: data.T
         "n_valid_examples": len(training.valid),
         "device": str(device),
         "weights_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "autocast": "bfloat16" if _bf16_autocast(device) else None,
+        "precision": resolve_precision(config.precision, device),
         "pad_token_id": pad_token_id,
     }
     return resolved
@@ -544,13 +544,24 @@ def _scheduler(optimizer, schedule: str, warmup_steps: int, total_steps: int):
     return build(optimizer, warmup_steps, total_steps)
 
 
-def _bf16_autocast(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+def resolve_precision(asked: str, device: torch.device) -> str:
+    """``fp32`` or ``bf16`` for ``asked`` ("auto" = bf16 where the hardware multiplies bf16 natively).
+
+    bf16 here is autocast: the matmuls run in bf16, the weights, the optimizer and the
+    loss's softmax stay fp32. On a CPU with AMX it measured 1.4x the fp32 step
+    (bench/RESULTS.md); without native bf16 it would be slower than fp32, so "auto" keeps fp32.
+    """
+    if asked != AUTO:
+        return asked
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and fast.cpu_has_fast_bf16() else "fp32"
 
 
-def _autocast(device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
-    if _bf16_autocast(device):
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+def autocast_for(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """A factory of the autocast context each forward runs in."""
+    if precision == "bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
 
 

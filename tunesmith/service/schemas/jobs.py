@@ -55,6 +55,7 @@ class TunesmithOptions(StrictRequest):
     warmup_ratio: float | None = None
     schedule: str | None = None
     max_grad_norm: float | None = None
+    precision: str | None = Field(None, description="auto, fp32 or bf16 (autocast)")
 
 
 TUNESMITH_FIELDS = tuple(TunesmithOptions.model_fields)
