@@ -4,14 +4,16 @@ One engine holds each base model once; LoRA-family adapters attach to it on
 demand through peft and are switched per request, so many fine-tuned models
 share one copy of their base. Fully fine-tuned models are models of their own.
 
-All generation goes through transformers' ``generate`` (greedy when the
-temperature is 0). Requests are serialised by one lock around the model: the
-seam for batching concurrent requests is :meth:`Engine._generate`.
+Generation is continuously batched (``batching.py``): one scheduler thread per
+loaded base model decodes every concurrent request in one forward pass per step,
+the base and all its plain LoRA adapters mixed in one batch (``batched_lora.py``);
+adapters peft must run itself (DoRA...) get a scheduler of their own each. The
+answers are those of transformers' ``generate`` on each prompt alone (greedy when
+the temperature is 0).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import queue
@@ -25,6 +27,8 @@ from typing import Iterator
 import torch
 
 from tunesmith.errors import TunesmithError
+from tunesmith.infer.batched_lora import BatchedLora
+from tunesmith.infer.batching import GenerationRequest, Scheduler
 from tunesmith.infer.resolve import ModelSource, locate
 from tunesmith.infer.streaming import DeltaStreamer, cut_at_stop
 from tunesmith.infer.types import Completion, GenerationSettings
@@ -34,11 +38,19 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 @dataclass
 class _LoadedBase:
-    """A base model in memory and the adapters attached to it (adapter key -> peft name)."""
+    """A base model in memory, the adapters attached to it (adapter key -> peft name) and its schedulers.
+
+    ``lock`` guards the model: each forward pass and each adapter attach holds it.
+    ``schedulers`` maps None (the base and every plain LoRA adapter, batched together)
+    or a peft adapter name (one peft runs itself) to the scheduler that decodes it.
+    """
 
     path: Path
     model: torch.nn.Module
     adapters: dict[str, str] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    lora: BatchedLora = field(default_factory=BatchedLora)
+    schedulers: dict[str | None, Scheduler] = field(default_factory=dict)
 
 
 @dataclass
@@ -90,37 +102,6 @@ class CompletionStream:
         """Stop generating (the client went away)."""
         self._cancel.set()
         self._deltas.close()
-
-
-class _Cancelled:
-    """A stopping criterion that ends generation when an event is set."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-class _StopStrings:
-    """A stopping criterion: the generated text contains one of the stop strings.
-
-    Hand-written because transformers' ``stop_strings`` matches at the token level and can
-    stop before the string is complete (on runs of one repeated character, for instance).
-    Only the last few tokens are decoded: each token carries at least one character of
-    text, so a window of the longest stop's length (plus slack for special tokens) suffices.
-    """
-
-    def __init__(self, decode, prompt_length: int, stops: list[str]):
-        self.decode = decode
-        self.prompt_length = prompt_length
-        self.stops = stops
-        self.window = max(len(s) for s in stops) + 8
-
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        generated = input_ids[0, self.prompt_length:][-self.window:].tolist()
-        hit = any(stop in self.decode(generated) for stop in self.stops)
-        return torch.full((input_ids.shape[0],), hit, dtype=torch.bool, device=input_ids.device)
 
 
 class Engine:
@@ -185,13 +166,21 @@ class Engine:
 
     def _attach(self, base: _LoadedBase, adapter: Path) -> str:
         """Attach the adapter in ``adapter`` to ``base`` once; returns its peft name."""
-        from peft import PeftModel
-
         key = f"{adapter.resolve()}@{_weights_stamp(adapter)}"
         if key in base.adapters:
             return base.adapters[key]
         name = "a" + hashlib.sha1(key.encode()).hexdigest()[:12]
         stale = [k for k in base.adapters if k.split("@")[0] == str(adapter.resolve())]
+        with base.lock:  # never while a forward pass runs
+            self._load_adapter(base, adapter, name, stale)
+        base.adapters[key] = name
+        return name
+
+    @staticmethod
+    def _load_adapter(base: _LoadedBase, adapter: Path, name: str, stale: list[str]) -> None:
+        """Load the adapter's weights into ``base`` as ``name``, drop ``stale`` ones, restack the LoRA weights."""
+        from peft import PeftModel
+
         try:
             with warnings.catch_warnings():
                 # peft reads a deprecated transformers property while loading; not the user's concern
@@ -207,8 +196,7 @@ class Engine:
         for old in stale:  # the same folder was trained again: drop the old weights
             base.model.delete_adapter(base.adapters.pop(old))
         base.model.eval()
-        base.adapters[key] = name
-        return name
+        base.lora.rebuild(base.model)
 
     # ----- prompts ---------------------------------------------------------------------------
 
@@ -311,32 +299,21 @@ class Engine:
 
     def _generate(self, handle: ModelHandle, ids: list[int], settings: GenerationSettings, *, start: float,
                   on_delta=None, cancel: threading.Event | None = None) -> Completion:
-        """Generate for one prompt under the model lock; the one place that calls ``generate``."""
-        from transformers import StoppingCriteriaList
-
+        """Generate for one prompt in its base model's running batch; waits until it is finished."""
         if handle.context_length is not None and len(ids) >= handle.context_length:
             raise TunesmithError(f"the prompt has {len(ids)} tokens; {handle.name} reads at most "
                                  f"{handle.context_length}", "shorten the conversation", param="messages")
-        tokenizer = handle.tokenizer
-        decode = _decoder(tokenizer, handle.eos_ids)
+        decode = _decoder(handle.tokenizer, handle.eos_ids)
         streamer = DeltaStreamer(decode, on_delta, settings.stop) if on_delta is not None else None
-        criteria = [_Cancelled(cancel)] if cancel is not None else []
-        if settings.stop:
-            criteria.append(_StopStrings(decode, len(ids), settings.stop))
-        with self._lock:
-            base = self._bases[handle.base_key]
-            input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
-            with _activated(base, handle.adapter_name), torch.inference_mode():
-                if settings.seed is not None:
-                    torch.manual_seed(settings.seed)
-                output = base.model.generate(
-                    input_ids=input_ids,
-                    attention_mask=torch.ones_like(input_ids),
-                    generation_config=_generation_config(handle, tokenizer, settings),
-                    stopping_criteria=StoppingCriteriaList(criteria) if criteria else None,
-                    streamer=streamer,
-                )
-        new_ids = [int(t) for t in output[0, len(ids):].tolist()]
+        on_token = None
+        if streamer is not None:
+            streamer.put(torch.tensor(ids))  # the streamer skips its first call: the prompt
+            on_token = lambda token: streamer.put(torch.tensor([token]))  # noqa: E731
+        request = GenerationRequest(prompt=list(ids), adapter=handle.adapter_name, settings=settings,
+                                    eos_ids=frozenset(handle.eos_ids), decode=decode, on_token=on_token,
+                                    cancel=cancel)
+        self._scheduler(handle).generate(request)
+        new_ids = list(request.tokens)
         text, hit_stop = cut_at_stop(decode(new_ids), settings.stop)
         ended = bool(new_ids) and new_ids[-1] in handle.eos_ids
         finish = "stop" if (ended or hit_stop or (cancel is not None and cancel.is_set())) else "length"
@@ -345,34 +322,48 @@ class Engine:
         return Completion(text=text, prompt_tokens=len(ids), completion_tokens=len(new_ids),
                           finish_reason=finish, latency_s=time.perf_counter() - start, token_ids=new_ids)
 
+    def _scheduler(self, handle: ModelHandle) -> Scheduler:
+        """The scheduler that decodes ``handle``'s requests (started on first use)."""
+        with self._lock:
+            base = self._bases[handle.base_key]
+            lane = None if base.lora.supports(handle.adapter_name) else handle.adapter_name
+            scheduler = base.schedulers.get(lane)
+            if scheduler is None:
+                scheduler = Scheduler(_forward_pass(base, lane), self.device,
+                                      name=f"tunesmith-batch-{base.path.name}" + (f"-{lane}" if lane else ""))
+                base.schedulers[lane] = scheduler
+            return scheduler
 
-def _generation_config(handle: ModelHandle, tokenizer, settings: GenerationSettings):
-    from transformers import GenerationConfig
-
-    sampling = not settings.greedy
-    return GenerationConfig(
-        max_new_tokens=settings.max_tokens,
-        do_sample=sampling,
-        temperature=float(settings.temperature) if sampling else None,
-        top_p=float(settings.top_p) if sampling else None,
-        top_k=None,
-        eos_token_id=list(handle.eos_ids),
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else handle.eos_ids[0],
-    )
+    def close(self) -> None:
+        """Stop the schedulers' threads (after the requests in flight); the engine cannot generate afterwards."""
+        with self._lock:
+            schedulers = [s for base in self._bases.values() for s in base.schedulers.values()]
+            for base in self._bases.values():
+                base.schedulers.clear()
+        for scheduler in schedulers:
+            scheduler.close()
 
 
-@contextlib.contextmanager
-def _activated(base: _LoadedBase, adapter_name: str | None):
-    """Run with ``adapter_name`` active, or with every adapter off for the plain base."""
-    model = base.model
-    if not base.adapters:
-        yield
-    elif adapter_name is None:
-        with model.disable_adapter():
-            yield
-    else:
-        model.set_adapter(adapter_name)
-        yield
+def _forward_pass(base: _LoadedBase, lane: str | None):
+    """The scheduler's model call for ``base``: one forward under the model lock, each row with its adapter.
+
+    ``lane`` None: the rows mix the base and plain LoRA adapters (batched LoRA); otherwise every
+    row uses the adapter ``lane`` and peft applies it itself.
+    """
+
+    def forward(input_ids, attention_mask, position_ids, cache, adapters: list[str | None]) -> torch.Tensor:
+        with base.lock, torch.inference_mode():
+            model = _unwrap(base.model)
+            if lane is None:
+                applied = base.lora.rows(adapters, input_ids.device)
+            else:
+                applied = base.lora.peft_adapter(base.model, lane)
+            with applied:
+                output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               cache=cache, use_cache=True, logits_to_keep=1)
+        return output.logits[:, -1, :].float()
+
+    return forward
 
 
 def _unwrap(model):

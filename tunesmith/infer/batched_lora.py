@@ -1,0 +1,132 @@
+"""LoRA applied per row as one batched matmul, so one forward pass can mix adapters.
+
+peft can mix adapters in a batch (``adapter_names``), but it splits the batch by
+adapter inside every LoRA layer: with eight adapters that is eight small matmuls
+per layer instead of one, which on a CPU costs 30-50% of the throughput. Here,
+as in punica/LoRAX (SGMV), the adapters' weights of each layer are stacked once
+into ``A: [slots, in, r_max]`` and ``B: [slots, r_max, out]`` (slot 0 is zeros:
+the plain base; smaller ranks are padded with zeros; the scaling is folded into
+B), and each row's delta is ``bmm(bmm(x, A[slot]), B[slot])`` gathered by the
+row's slot: the same three ops per layer for one adapter or eight.
+
+peft's own layers stay attached but disabled, so they compute the base only, and
+a forward hook on each adds the batched delta. Adapters this cannot express
+(DoRA and other peft LoRA variants, ``modules_to_save``, LoRA on embeddings,
+bias) are left out of the stacks: the engine runs them through peft itself
+(``peft_adapter``), each in batches of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+
+class BatchedLora:
+    """The stacked weights of a base model's plain LoRA adapters and the hooks that apply them.
+
+    Not thread-safe by itself: the engine calls it under the base model's lock.
+    """
+
+    def __init__(self) -> None:
+        self.slots: dict[str, int] = {}
+        self._hooks: list = []
+        self._tuner_layers: list = []
+        self._rows: torch.Tensor | None = None
+
+    def rebuild(self, model: torch.nn.Module) -> None:
+        """Restack every attached adapter's weights (after one was attached or removed).
+
+        Args:
+            model: the peft model (or a plain model, which has nothing to stack).
+        """
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks, self.slots, self._tuner_layers = [], {}, []
+        configs = getattr(model, "peft_config", None)
+        if not configs:
+            return
+        from peft.tuners.lora import Linear as LoraLinear
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self._tuner_layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        plain = [name for name in configs if _is_plain_lora(name, configs[name], self._tuner_layers, LoraLinear)]
+        self.slots = {name: slot for slot, name in enumerate(plain, start=1)}
+        for layer in self._tuner_layers:
+            layer.enable_adapters(False)  # peft computes the base; the hooks add the adapters
+            if isinstance(layer, LoraLinear) and any(name in layer.lora_A for name in plain):
+                a, b = self._stack(layer, plain)
+                self._hooks.append(layer.register_forward_hook(self._hook(a, b)))
+
+    def supports(self, adapter: str | None) -> bool:
+        """Whether rows of ``adapter`` (None: the base) can run in the mixed batch."""
+        return adapter is None or adapter in self.slots
+
+    @contextlib.contextmanager
+    def rows(self, adapters: list[str | None], device: torch.device) -> Iterator[None]:
+        """Within: the forward pass applies each row's adapter (None: the base)."""
+        slots = [0 if name is None else self.slots[name] for name in adapters]
+        self._rows = torch.tensor(slots, dtype=torch.long, device=device) if any(slots) else None
+        try:
+            yield
+        finally:
+            self._rows = None
+
+    @contextlib.contextmanager
+    def peft_adapter(self, model: torch.nn.Module, adapter: str) -> Iterator[None]:
+        """Within: peft itself applies ``adapter`` to every row (variants the stacks cannot express)."""
+        model.set_adapter(adapter)
+        for layer in self._tuner_layers:
+            layer.enable_adapters(True)
+        try:
+            yield
+        finally:
+            for layer in self._tuner_layers:
+                layer.enable_adapters(False)
+
+    def _stack(self, layer, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        base = layer.get_base_layer()
+        held = [n for n in names if n in layer.lora_A]
+        rank = max(layer.lora_A[n].weight.shape[0] for n in held)
+        weight = base.weight
+        a = torch.zeros(len(names) + 1, base.in_features, rank, dtype=weight.dtype, device=weight.device)
+        b = torch.zeros(len(names) + 1, rank, base.out_features, dtype=weight.dtype, device=weight.device)
+        for name in held:
+            slot, r = self.slots[name], layer.lora_A[name].weight.shape[0]
+            a[slot, :, :r] = layer.lora_A[name].weight.detach().T
+            b[slot, :r, :] = layer.lora_B[name].weight.detach().T * layer.scaling[name]
+        return a, b
+
+    def _hook(self, a: torch.Tensor, b: torch.Tensor):
+        def add_adapters(module, args, output):
+            rows = self._rows
+            if rows is None:
+                return None
+            x = args[0]
+            flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype)
+            down = torch.bmm(flat, a.index_select(0, rows))
+            out = output.reshape(flat.shape[0], flat.shape[1], -1)
+            return torch.baddbmm(out, down, b.index_select(0, rows)).view_as(output)
+
+        return add_adapters
+
+
+def _is_plain_lora(name: str, config, tuner_layers: list, lora_linear: type) -> bool:
+    """An adapter the stacks express exactly: LoRA on Linear layers only, no variant, no extra trained modules."""
+    if str(getattr(config, "peft_type", "")).split(".")[-1] != "LORA":
+        return False
+    if getattr(config, "use_dora", False) or getattr(config, "modules_to_save", None) \
+            or getattr(config, "lora_bias", False) or getattr(config, "trainable_token_indices", None) \
+            or getattr(config, "fan_in_fan_out", False):
+        return False
+    for layer in tuner_layers:
+        holds = any(name in getattr(layer, attr, {}) for attr in ("lora_A", "lora_embedding_A", "lora_magnitude_vector"))
+        if not holds:
+            continue
+        if not isinstance(layer, lora_linear) or not isinstance(layer.get_base_layer(), torch.nn.Linear):
+            return False
+        if name in getattr(layer, "lora_variant", {}) or name not in layer.lora_A:
+            return False
+    return True
