@@ -120,30 +120,10 @@ def test_concurrent_requests_give_the_sequential_answers(engine, tiny_model_path
     assert got == expected
 
 
-def _make_adapter(base_path: Path, folder: Path, seed: int) -> Path:
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    model = load_causal_lm(base_path, device=torch.device("cpu"), dtype=torch.float32)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
-                        task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, config)
-    with torch.no_grad():  # big enough to change the greedy answer
-        for name, param in peft_model.named_parameters():
-            if "lora_" in name:
-                param.mul_(20)
-    peft_model.save_pretrained(folder)
-    cfg = json.loads((folder / "adapter_config.json").read_text())
-    cfg["base_model_name_or_path"] = str(base_path)
-    (folder / "adapter_config.json").write_text(json.dumps(cfg))
-    return folder
-
-
-def test_adapters_attach_to_one_base_and_swap(tiny_model_path, tmp_path):
+def test_adapters_attach_to_one_base_and_swap(tiny_model_path, tiny_adapters):
     from peft import PeftModel
 
-    first = _make_adapter(tiny_model_path, tmp_path / "adapter-a", seed=1)
-    second = _make_adapter(tiny_model_path, tmp_path / "adapter-b", seed=2)
+    first, second = tiny_adapters["a"], tiny_adapters["b"]
     engine = Engine(device="cpu")
     settings = GenerationSettings(max_tokens=10)
     base_before = engine.chat(str(tiny_model_path), MESSAGES, settings).token_ids

@@ -24,9 +24,10 @@ Each row decodes with its own settings: greedy, or temperature/top_p sampling
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -129,6 +130,8 @@ class Scheduler:
         self._cache = None
         self._mask: torch.Tensor | None = None
         self._closed = False
+        self.peak_rows = 0  # the most rows decoded together so far
+        self._held = 0
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -161,24 +164,42 @@ class Scheduler:
             self._cond.notify()
         self._thread.join(timeout=60)
 
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Within: no new request joins the batch; on leaving, all those queued meanwhile join at once."""
+        with self._cond:
+            self._held += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._held -= 1
+                self._cond.notify()
+
     @property
     def active_rows(self) -> int:
         """Rows being decoded now."""
         return len(self._rows)
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting to join the batch."""
+        with self._cond:
+            return len(self._pending)
 
     # ----- the loop
 
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._pending and not self._rows and not self._closed:
+                while not self._closed and not self._rows and (self._held or not self._pending):
                     self._cond.wait()
                 if self._closed and not self._rows:
                     refused = list(self._pending)
                     self._pending.clear()
                     break
-                arrivals = [self._pending.popleft()
-                            for _ in range(min(len(self._pending), self.max_rows - len(self._rows)))]
+                room = 0 if self._held else self.max_rows - len(self._rows)
+                arrivals = [self._pending.popleft() for _ in range(min(len(self._pending), room))]
             for request in arrivals:
                 self._admit(request)
             if self._rows:
@@ -191,6 +212,7 @@ class Scheduler:
         if request.cancelled():
             _finish(request)
             return
+        self.peak_rows = max(self.peak_rows, len(self._rows) + 1)
         try:
             ids = torch.tensor([request.prompt], dtype=torch.long, device=self.device)
             from transformers import DynamicCache
