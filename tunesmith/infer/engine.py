@@ -309,13 +309,13 @@ class Engine:
         if streamer is not None:
             streamer.put(torch.tensor(ids))  # the streamer skips its first call: the prompt
             on_token = lambda token: streamer.put(torch.tensor([token]))  # noqa: E731
+        eos_ids = frozenset() if settings.ignore_eos else frozenset(handle.eos_ids)
         request = GenerationRequest(prompt=list(ids), adapter=handle.adapter_name, settings=settings,
-                                    eos_ids=frozenset(handle.eos_ids), decode=decode, on_token=on_token,
-                                    cancel=cancel)
+                                    eos_ids=eos_ids, decode=decode, on_token=on_token, cancel=cancel)
         self._scheduler(handle).generate(request)
         new_ids = list(request.tokens)
         text, hit_stop = cut_at_stop(decode(new_ids), settings.stop)
-        ended = bool(new_ids) and new_ids[-1] in handle.eos_ids
+        ended = bool(new_ids) and new_ids[-1] in eos_ids
         finish = "stop" if (ended or hit_stop or (cancel is not None and cancel.is_set())) else "length"
         if streamer is not None:
             streamer.finish(text)

@@ -20,6 +20,7 @@ class GenerationSettings:
         top_p: nucleus sampling mass, used only when temperature > 0.
         stop: strings that end the answer; the answer is cut before the first one.
         seed: makes sampling reproducible when temperature > 0.
+        ignore_eos: keep generating past the end-of-turn token, up to max_tokens (benchmarks).
     """
 
     max_tokens: int = 256
@@ -27,6 +28,7 @@ class GenerationSettings:
     top_p: float = 1.0
     stop: list[str] | None = None
     seed: int | None = None
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -42,6 +44,8 @@ class GenerationSettings:
             found.append(f"temperature must be between 0 and 5, got {self.temperature!r}")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             found.append(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.ignore_eos, bool):
+            found.append(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
         if self.stop is not None:
             if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
                 found.append("stop must be a list of non-empty strings")

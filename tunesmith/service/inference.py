@@ -68,6 +68,8 @@ def generation_settings(request: SamplingFields, max_tokens: int | None):
         top_p=1.0 if request.top_p is None else request.top_p,
         stop=stop or None,
         seed=request.seed,
+        # vLLM's extension (benchmarks generate exactly max_tokens); read only once the schema declares it
+        ignore_eos=getattr(request, "ignore_eos", None) is True,
     )
 
 
@@ -150,33 +152,16 @@ class Inference:
         engine, handle = self._model(project, request.model)
         stream = engine.chat_stream(handle, messages, settings)
         chunk_id, created = new_id("chatcmpl"), int(time.time())
-        with_usage = bool(request.stream_options and request.stream_options.include_usage)
 
-        def chunk(delta: dict, finish_reason=None, usage=None, choices=True) -> str:
-            body = {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": request.model,
-                    "system_fingerprint": None,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
-                    if choices else []}
-            if with_usage:
-                body["usage"] = usage
-            return _sse(body)
+        def chunk(delta: dict | None, finish_reason=None) -> dict:
+            choice = {"index": 0, "delta": {} if delta is None else delta, "finish_reason": finish_reason,
+                      "logprobs": None}
+            return {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": request.model,
+                    "system_fingerprint": None, "choices": [choice]}
 
-        first = _first(stream)
-
-        def events() -> Iterator[str]:
-            try:
-                yield chunk({"role": "assistant", "content": "", "refusal": None})
-                for delta in _chain(first, stream):
-                    yield chunk({"content": delta})
-                completion = stream.completion
-                yield chunk({}, finish_reason=completion.finish_reason)
-                if with_usage:
-                    yield chunk({}, usage=_usage(completion), choices=False)
-                yield "data: [DONE]\n\n"
-            finally:
-                stream.close()
-
-        return events()
+        return _sse_events(stream, lambda text: chunk({"content": text}),
+                           lambda reason: chunk(None, reason), _with_usage(request),
+                           opening=chunk({"role": "assistant", "content": "", "refusal": None}))
 
     # ----- legacy completions
     def complete(self, project: Project, request: CompletionCreate) -> dict:
@@ -198,31 +183,54 @@ class Inference:
         engine, handle = self._model(project, request.model)
         stream = engine.complete_stream(handle, prompt, settings)
         chunk_id, created = new_id("cmpl"), int(time.time())
-        with_usage = bool(request.stream_options and request.stream_options.include_usage)
 
-        def chunk(text: str, finish_reason=None, usage=None, choices=True) -> str:
-            body = {"id": chunk_id, "object": "text_completion", "created": created, "model": request.model,
-                    "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}]
-                    if choices else []}
+        def chunk(text: str, finish_reason=None) -> dict:
+            return {"id": chunk_id, "object": "text_completion", "created": created, "model": request.model,
+                    "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}]}
+
+        return _sse_events(stream, chunk, lambda reason: chunk("", reason), _with_usage(request))
+
+
+def _with_usage(request: SamplingFields) -> bool:
+    return bool(request.stream_options and request.stream_options.include_usage)
+
+
+def _sse_events(stream, delta_chunk, finish_chunk, with_usage: bool, opening: dict | None = None) -> Iterator[str]:
+    """The event stream of one streamed answer, whatever the chunk shape.
+
+    The first token is generated before this returns (errors become HTTP errors, not a broken
+    stream); then come ``opening`` (if any), one chunk per text delta, the finish chunk, the usage
+    chunk when asked for (``choices: []``; the other chunks then carry ``usage: null``), and
+    ``[DONE]``. Closing the events (the client went away) stops the generation.
+
+    Args:
+        stream: the engine's :class:`CompletionStream`.
+        delta_chunk: text -> chunk body; finish_chunk: finish reason -> chunk body.
+        with_usage: ``stream_options.include_usage`` was set.
+        opening: a chunk sent before the first delta (chat's role chunk).
+    """
+    first = _first(stream)
+
+    def body(chunk: dict, usage=None) -> str:
+        if with_usage:
+            chunk["usage"] = usage
+        return _sse(chunk)
+
+    def events() -> Iterator[str]:
+        try:
+            if opening is not None:
+                yield body(opening)
+            for delta in _chain(first, stream):
+                yield body(delta_chunk(delta))
+            completion = stream.completion
+            yield body(finish_chunk(completion.finish_reason))
             if with_usage:
-                body["usage"] = usage
-            return _sse(body)
+                yield body(dict(finish_chunk(None), choices=[]), usage=_usage(completion))
+            yield "data: [DONE]\n\n"
+        finally:
+            stream.close()
 
-        first = _first(stream)
-
-        def events() -> Iterator[str]:
-            try:
-                for delta in _chain(first, stream):
-                    yield chunk(delta)
-                completion = stream.completion
-                yield chunk("", finish_reason=completion.finish_reason)
-                if with_usage:
-                    yield chunk("", usage=_usage(completion), choices=False)
-                yield "data: [DONE]\n\n"
-            finally:
-                stream.close()
-
-        return events()
+    return events()
 
 
 _END = object()
