@@ -149,3 +149,54 @@ def test_a_conversation_the_template_refuses_is_a_problem_at_its_line(write, tin
                              "the model's chat template decides which roles and turn orders it accepts (some require "
                              "user/assistant alternation): adapt the conversation or the model"]
     assert report.stats.examples == 11
+
+
+def _varied_records() -> list[dict]:
+    """40 examples of every shape the check counts: multi-turn, weight 0, tool calls, content parts,
+    a duplicate far from its original, a long one, and invalid lines in between."""
+    call = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1}'}}
+    records = []
+    for i in range(40):
+        record = chat_record(i, system="Answer briefly." if i % 7 else None)
+        if i % 3 == 0:
+            record["messages"] += [{"role": "user", "content": f"And {i} times two?"},
+                                   {"role": "assistant", "content": f"{2 * i}.", "weight": i % 2}]
+        if i % 5 == 0:
+            record["messages"][-1]["content"] = [{"type": "text", "text": f"Parts {i}"}]
+        if i % 11 == 0:
+            record["messages"] = [{"role": "user", "content": "add"},
+                                  {"role": "assistant", "tool_calls": [call]},
+                                  {"role": "tool", "tool_call_id": "c1", "content": str(i)},
+                                  {"role": "assistant", "content": f"It is {i}."}]
+        records.append(record)
+    records[33] = records[2]                                          # duplicate in a later batch
+    records[20]["messages"][1]["content"] = "many words " * 60        # cut by max_length
+    records[9] = {"messages": [{"role": "bot", "content": "x"}]}      # invalid lines between batches
+    records[26] = {"prompt": "a format switch"}
+    return records
+
+
+def test_overlapped_batches_give_the_one_by_one_report(write, tiny_model_path, smollm2_tokenizer, monkeypatch):
+    """The check tokenizes batch k while it reads batch k+1: the report equals one example at a time."""
+    import tunesmith.data.check as check
+
+    path = write("t.jsonl", _varied_records())
+    reports = {}
+    for batch in (7, 1, 10_000):  # several batches in flight, one example per batch, all in one batch
+        monkeypatch.setattr(check, "BATCH", batch)
+        reports[batch] = check_file(path, model=str(tiny_model_path), max_length=64, name="t.jsonl").to_dict()
+    assert reports[7] == reports[1] == reports[10_000]
+    report = reports[7]
+    assert report["error_count"] == 2 and report["errors"][0].startswith("t.jsonl:10: messages[0].role")
+    assert "line 34 repeats line 3" in report["warnings"][0]
+    stream = check.ExampleStream(path)
+    encoded = [encode_messages(smollm2_tokenizer, e.messages, tools=e.tools, max_length=64) for e in stream]
+    full = [len(e.input_ids) + e.truncated_tokens for e in encoded]
+    stats = report["stats"]
+    assert stats["examples"] == len(encoded) == 38
+    assert (stats["tokens_min"], stats["tokens_max"]) == (min(full), max(full))
+    assert stats["total_tokens"] == sum(len(e.input_ids) for e in encoded)
+    assert stats["trainable_tokens"] == sum(e.trainable_tokens for e in encoded)
+    cut = [e.truncated_tokens for e in encoded if e.truncated_tokens]
+    assert (stats["truncated_examples"], stats["truncated_tokens"]) == (len(cut), sum(cut))
+    assert encoded[19].truncated_tokens in cut

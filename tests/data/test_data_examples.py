@@ -8,6 +8,7 @@ import pytest
 
 from datafiles import chat_record, good_records
 from tunesmith.data import Example, load_examples
+from tunesmith.data.examples import ExampleStream
 from tunesmith.data.formats import FORMATS, detect
 from tunesmith.errors import DataError, NotFoundError
 
@@ -314,3 +315,25 @@ def test_csv_with_semicolons_and_alpaca_columns(write):
 def test_example_round_trips_as_a_record():
     ex = Example(3, chat_record(1)["messages"], tools=[{"type": "function", "function": {"name": "f"}}])
     assert ex.to_record() == {"messages": ex.messages, "tools": ex.tools}
+
+
+def test_plain_messages_normalise_as_the_field_by_field_checks_do(write, monkeypatch):
+    """The shortcut for {"role", "content"} messages gives what the full checks give, problems included."""
+    from tunesmith.data.formats import openai_chat
+
+    records = [{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": ""},
+                             {"role": "assistant", "content": "a"}]},
+               {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]},
+               {"messages": [{"role": ["user"], "content": "q"}, {"role": "assistant", "content": "a"}]},
+               {"messages": [{"role": "function", "content": "q"}, {"role": "assistant", "content": "a"}]},
+               {"messages": [{"role": "user", "content": "q"}, {"content": "a", "role": "assistant"}]}]
+    path = write("t.jsonl", records * 3)
+
+    def outcome():
+        stream = ExampleStream(path)
+        return [(e.line, json.dumps(e.messages)) for e in stream], stream.problems.listed()  # key order too
+
+    fast = outcome()
+    monkeypatch.setattr(openai_chat, "_plain", lambda raw: False)
+    assert outcome() == fast
+    assert len(fast[0]) == 6 and len(fast[1]) == 9

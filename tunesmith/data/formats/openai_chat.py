@@ -70,6 +70,8 @@ def _tools(record: dict, issues: LineProblems) -> list[dict] | None:
 
 def normalise_message(raw, path: str, issues: LineProblems) -> dict | None:
     """One OpenAI chat message, checked field by field; None if it has problems."""
+    if _plain(raw):
+        return {"role": raw["role"], "content": raw["content"]}
     if not isinstance(raw, dict):
         issues.add(path, f"a message must be an object, got {describe_type(raw)}",
                    'use {"role": "user", "content": "…"}')
@@ -112,6 +114,20 @@ def normalise_message(raw, path: str, issues: LineProblems) -> dict | None:
     if calls:
         message["tool_calls"] = calls
     return _ordered(message)
+
+
+PLAIN_ROLES = frozenset(("system", "user", "assistant"))
+
+
+def _plain(raw) -> bool:
+    """Whether ``raw`` is exactly ``{"role": system|user|assistant, "content": non-empty string}``,
+    which normalises to a copy of itself.
+
+    Why: nearly every message of a real file has this shape, and the field-by-field
+    checks cost more than parsing its JSON; any other shape takes the full path.
+    """
+    return (type(raw) is dict and len(raw) == 2 and type(raw.get("content")) is str and raw["content"] != ""
+            and type(raw.get("role")) is str and raw["role"] in PLAIN_ROLES)
 
 
 def _tool_calls(raw: dict, path: str, role: str, issues: LineProblems) -> list[dict] | None:
