@@ -143,10 +143,12 @@ def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
         value = value.repeat_interleave(groups, dim=1)
     total = query.shape[2]
     bounds = [0, total] if cu_seq_lens_q is None else cu_seq_lens_q.tolist()
+    lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+    # split, not slicing: the backward of a split is one cat, while each slice's backward
+    # fills a zero tensor of the whole row and adds into it (3 x examples x layers passes)
     outputs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        q, k, v = query[:, :, start:end], key[:, :, start:end], value[:, :, start:end]
-        mask = _sliding_causal_mask(end - start, sliding_window, q.device)
+    for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2)):
+        mask = _sliding_causal_mask(q.shape[2], sliding_window, q.device)
         outputs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                                       is_causal=mask is None, scale=scaling))
     output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
