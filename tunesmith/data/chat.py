@@ -332,7 +332,7 @@ def encode_messages(tokenizer, messages: list[dict], *, max_length: int | None =
 
 def encode_examples(tokenizer, examples, *, max_length: int | None = None, without_system: bool = False,
                     batch_size: int = 512):
-    """Encode many examples, tokenizing in batches (fast for training sets).
+    """Encode many examples, tokenizing in batches while the next batch renders (fast for training sets).
 
     Args:
         tokenizer: a fast tokenizer with a chat template.
