@@ -97,7 +97,7 @@ def train_adapters(server: Server, count: int) -> list[str]:
     for i in range(count):
         rows = [{"messages": [{"role": "user", "content": f"Ticket T-{100 * i + j}"},
                               {"role": "assistant", "content": ["billing", "network", "storage", "identity"][
-                                  (i + j) % 4]}]} for j in range(8)]
+                                  (i + j) % 4]}]} for j in range(12)]
         path = write_jsonl(server.home / f"train-{i}.jsonl", rows)
         uploaded = client.files.create(file=path.open("rb"), purpose="fine-tune")
         job = client.fine_tuning.jobs.create(

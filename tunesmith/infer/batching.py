@@ -32,6 +32,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from tunesmith.infer.kv_cache import appending_cache
 from tunesmith.infer.types import GenerationSettings
 
 MAX_ROWS = 32  # rows decoded together; later arrivals wait for a free row
@@ -215,9 +216,7 @@ class Scheduler:
         self.peak_rows = max(self.peak_rows, len(self._rows) + 1)
         try:
             ids = torch.tensor([request.prompt], dtype=torch.long, device=self.device)
-            from transformers import DynamicCache
-
-            cache = DynamicCache()
+            cache = appending_cache()
             positions = torch.arange(ids.shape[1], device=self.device).unsqueeze(0)
             logits = self._forward(ids, torch.ones_like(ids), positions, cache, [request.adapter])
             row = _Row(request)
