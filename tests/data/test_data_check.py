@@ -169,6 +169,7 @@ def _varied_records() -> list[dict]:
                                   {"role": "tool", "tool_call_id": "c1", "content": str(i)},
                                   {"role": "assistant", "content": f"It is {i}."}]
         records.append(record)
+    records[5]["messages"][-1]["content"] = "Déjà vu 😀🙂, naïve café — 東京"  # several tokens per character
     records[33] = records[2]                                          # duplicate in a later batch
     records[20]["messages"][1]["content"] = "many words " * 60        # cut by max_length
     records[9] = {"messages": [{"role": "bot", "content": "x"}]}      # invalid lines between batches
@@ -196,7 +197,21 @@ def test_overlapped_batches_give_the_one_by_one_report(write, tiny_model_path, s
     assert stats["examples"] == len(encoded) == 38
     assert (stats["tokens_min"], stats["tokens_max"]) == (min(full), max(full))
     assert stats["total_tokens"] == sum(len(e.input_ids) for e in encoded)
-    assert stats["trainable_tokens"] == sum(e.trainable_tokens for e in encoded)
+    assert stats["trainable_tokens"] == sum(e.trainable_tokens for e in encoded) == _labelled_by_definition(
+        smollm2_tokenizer, check.ExampleStream(path), 64)
     cut = [e.truncated_tokens for e in encoded if e.truncated_tokens]
     assert (stats["truncated_examples"], stats["truncated_tokens"]) == (len(cut), sum(cut))
     assert encoded[19].truncated_tokens in cut
+
+
+def _labelled_by_definition(tokenizer, examples, max_length: int) -> int:
+    """Tokens (of the first ``max_length``) whose first character lies in a loss span, token by token."""
+    from tunesmith.data.chat import renderer_for
+
+    renderer = renderer_for(tokenizer)
+    total = 0
+    for example in examples:
+        text, spans = renderer.render_with_spans(example.messages, example.tools)
+        offsets = renderer.tokenize([text])[0].offsets[:max_length]
+        total += sum(1 for start, _ in offsets if any(begin <= start < end for begin, end in spans))
+    return total
