@@ -97,7 +97,7 @@ def _stats_table(stats) -> Table:
     table.add_row("tokens per epoch", f"{stats.total_tokens:,} (limit {stats.max_length:,} per example)")
     table.add_row("trainable tokens", f"{stats.trainable_tokens:,} (assistant, weight 1)")
     table.add_row("epochs (auto)", str(stats.epochs))
-    table.add_row("billed tokens", f"{stats.billed_tokens:,} ({stats.epochs} epochs)")
+    table.add_row("billed tokens", f"{stats.billed_tokens:,} ({stats.epochs} epoch{'' if stats.epochs == 1 else 's'})")
     if stats.estimated_seconds:
         estimate = " · ".join(f"{method} {_duration(seconds)}" for method, seconds in stats.estimated_seconds.items())
         table.add_row("estimated training time", f"{estimate} ({stats.estimate_device})")
