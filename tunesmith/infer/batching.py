@@ -23,9 +23,11 @@ Each row decodes with its own settings: greedy, or temperature/top_p sampling
 
 from __future__ import annotations
 
+import atexit
 import collections
 import contextlib
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -36,6 +38,15 @@ from tunesmith.infer.kv_cache import appending_cache
 from tunesmith.infer.types import GenerationSettings
 
 MAX_ROWS = 32  # rows decoded together; later arrivals wait for a free row
+
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    """End every scheduler thread before the interpreter exits (a thread killed inside torch aborts the process)."""
+    for scheduler in list(_LIVE):
+        scheduler.close()
 
 
 @dataclass
@@ -135,6 +146,7 @@ class Scheduler:
         self._held = 0
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
+        _LIVE.add(self)
 
     # ----- callers' side
 
@@ -163,7 +175,8 @@ class Scheduler:
         with self._cond:
             self._closed = True
             self._cond.notify()
-        self._thread.join(timeout=60)
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=60)
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
@@ -201,18 +214,23 @@ class Scheduler:
                     break
                 room = 0 if self._held else self.max_rows - len(self._rows)
                 arrivals = [self._pending.popleft() for _ in range(min(len(self._pending), room))]
-            for request in arrivals:
-                self._admit(request)
+            joining = [prefilled for request in arrivals if (prefilled := self._admit(request)) is not None]
+            if joining:
+                self._merge(joining)
             if self._rows:
                 self._step_all()
         for request in refused:
             _finish(request, RuntimeError("the engine was closed"))
 
-    def _admit(self, request: GenerationRequest) -> None:
-        """Prefill ``request``'s prompt alone, choose its first token, and merge it into the batch."""
+    def _admit(self, request: GenerationRequest) -> tuple[_Row, object] | None:
+        """Prefill ``request``'s prompt alone and choose its first token.
+
+        Returns:
+            the new row and its cache, to merge into the batch; None when the request already ended.
+        """
         if request.cancelled():
             _finish(request)
-            return
+            return None
         self.peak_rows = max(self.peak_rows, len(self._rows) + 1)
         try:
             ids = torch.tensor([request.prompt], dtype=torch.long, device=self.device)
@@ -223,25 +241,30 @@ class Scheduler:
             finished = row.accept(_choose(logits, [row])[0])
         except BaseException as exc:  # this request fails; the batch goes on
             _finish(request, exc)
-            return
+            return None
         if finished:
             _finish(request)
-        else:
-            self._merge(row, cache)
+            return None
+        self._rows.append(row)  # counted now; its cache joins in _merge before the next step
+        return row, cache
 
-    def _merge(self, row: _Row, cache) -> None:
-        """Add a prefilled row: pad the shorter cache on the left, concatenate along the batch."""
-        new_mask = torch.ones(1, cache.get_seq_length(), dtype=torch.long, device=self.device)
-        if not self._rows:
-            self._rows, self._cache, self._mask = [row], cache, new_mask
-            return
-        width = max(self._mask.shape[1], new_mask.shape[1])
-        for running, joining in zip(self._cache.layers, cache.layers):
-            running.keys = torch.cat([_pad_left(running.keys, width, -2), _pad_left(joining.keys, width, -2)])
-            running.values = torch.cat([_pad_left(running.values, width, -2),
-                                        _pad_left(joining.values, width, -2)])
-        self._mask = torch.cat([_pad_left(self._mask, width, 1), _pad_left(new_mask, width, 1)])
-        self._rows.append(row)
+    def _merge(self, joining: list[tuple[_Row, object]]) -> None:
+        """Add prefilled rows' caches: pad every cache on the left to one width, concatenate along the batch.
+
+        The rows themselves were appended to ``_rows`` by :meth:`_admit`, in this order.
+        """
+        caches = [cache for _, cache in joining]
+        masks = [torch.ones(1, c.get_seq_length(), dtype=torch.long, device=self.device) for c in caches]
+        if self._cache is not None:
+            caches.insert(0, self._cache)
+            masks.insert(0, self._mask)
+        width = max(m.shape[1] for m in masks)
+        if len(caches) > 1:
+            for layers in zip(*(c.layers for c in caches)):
+                layers[0].keys = torch.cat([_pad_left(layer.keys, width, -2) for layer in layers])
+                layers[0].values = torch.cat([_pad_left(layer.values, width, -2) for layer in layers])
+        self._cache = caches[0]
+        self._mask = torch.cat([_pad_left(m, width, 1) for m in masks])
 
     def _step_all(self) -> None:
         """One decode step for every active row; rows that finish leave the batch."""

@@ -1,8 +1,8 @@
 """The generation engine: chat, chat streaming and raw completions on any model reference.
 
 One engine holds each base model once; LoRA-family adapters attach to it on
-demand through peft and are switched per request, so many fine-tuned models
-share one copy of their base. Fully fine-tuned models are models of their own.
+demand through peft, so many fine-tuned models share one copy of their base.
+Fully fine-tuned models are models of their own (a base with its own scheduler).
 
 Generation is continuously batched (``batching.py``): one scheduler thread per
 loaded base model decodes every concurrent request in one forward pass per step,
