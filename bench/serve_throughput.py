@@ -204,6 +204,9 @@ def one_round(server: Server, path: Path, adapters: list[str], requests: list[li
 def report(rows: dict, args, info: dict, command: str) -> str:
     batched = rows["base-8"]["tokens_per_s"] / rows["generate"]["tokens_per_s"]
     mixed = rows["mixed-8"]["tokens_per_s"] / rows["adapter-8"]["tokens_per_s"]
+    full = all(r["tokens"] == r["requests"] * args.tokens for r in rows.values())
+    counted = (f"every request generated all {args.tokens} tokens" if full else
+               "some requests ended before max_tokens (see the per-request counts): compare tokens/s only")
     return f"""# Serving throughput
 
 Written by `bench/serve_throughput.py`{' (quick smoke run: not a result)' if args.quick else ''}.
@@ -218,9 +221,10 @@ against plain sequential `model.generate` on the same prompts, measured in one r
 
 Each setup ran {args.rounds} time(s), interleaved with the others (sequential `generate`, then the
 server's setups, per round); the table keeps each setup's best round, so a machine shared with
-other work slows every setup alike. Model `{MODEL}` (fp32, CPU), {args.tokens} new tokens per request (`max_tokens`, greedy, `ignore_eos`),
-adapters: LoRA r=16 on all linear layers from short real fine-tuning jobs. Completion tokens are the
-responses' `usage.completion_tokens`; latency is per request, from the client.
+other work slows every setup alike. Model `{MODEL}` (fp32, CPU), {args.tokens} new tokens per request
+(`max_tokens`, greedy, `ignore_eos`; {counted}); adapters: LoRA r=16 on all linear layers from short real
+fine-tuning jobs. Completion tokens are the responses' `usage.completion_tokens`; latency is per
+request, from the client.
 
 Machine: {info['cpu']}, {info['cores']} cores (torch threads {info['torch_threads']}); Python {info['python']};
 {info['versions']}.

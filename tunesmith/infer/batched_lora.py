@@ -144,7 +144,8 @@ def _is_plain_lora(name: str, config, tuner_layers: list, lora_linear: type) -> 
             or getattr(config, "fan_in_fan_out", False):
         return False
     for layer in tuner_layers:
-        holds = any(name in getattr(layer, attr, {}) for attr in ("lora_A", "lora_embedding_A", "lora_magnitude_vector"))
+        holds = any(name in getattr(layer, attr, {})
+                    for attr in ("lora_A", "lora_embedding_A", "lora_magnitude_vector"))
         if not holds:
             continue
         if not isinstance(layer, lora_linear) or not isinstance(layer.get_base_layer(), torch.nn.Linear):

@@ -46,7 +46,7 @@ _LIVE: weakref.WeakSet = weakref.WeakSet()
 def _close_all() -> None:
     """End every scheduler thread before the interpreter exits (a thread killed inside torch aborts the process)."""
     for scheduler in list(_LIVE):
-        scheduler.close()
+        scheduler.close(abandon=True)
 
 
 @dataclass
@@ -142,6 +142,7 @@ class Scheduler:
         self._cache = None
         self._mask: torch.Tensor | None = None
         self._closed = False
+        self._abandon = False
         self.peak_rows = 0  # the most rows decoded together so far
         self._held = 0
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -170,10 +171,15 @@ class Scheduler:
             self._pending.append(request)
             self._cond.notify()
 
-    def close(self) -> None:
-        """Stop the loop once the rows in flight are finished (requests still queued are refused)."""
+    def close(self, abandon: bool = False) -> None:
+        """Stop the loop once the rows in flight are finished (requests still queued are refused).
+
+        Args:
+            abandon: fail the rows in flight at the next step instead of finishing them (process exit).
+        """
         with self._cond:
             self._closed = True
+            self._abandon = self._abandon or abandon
             self._cond.notify()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=60)
@@ -208,9 +214,10 @@ class Scheduler:
             with self._cond:
                 while not self._closed and not self._rows and (self._held or not self._pending):
                     self._cond.wait()
-                if self._closed and not self._rows:
-                    refused = list(self._pending)
+                if self._closed and (self._abandon or not self._rows):
+                    refused = list(self._pending) + [row.request for row in self._rows]
                     self._pending.clear()
+                    self._rows, self._cache, self._mask = [], None, None
                     break
                 room = 0 if self._held else self.max_rows - len(self._rows)
                 arrivals = [self._pending.popleft() for _ in range(min(len(self._pending), room))]
