@@ -26,6 +26,7 @@ test: $(VENV)/.installed-test
 bench: $(VENV)/.installed-bench
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/data_throughput.py
+	$(BIN)/python bench/serve_throughput.py
 	$(BIN)/python bench/service_load.py
 
 install: $(VENV)/.installed

@@ -200,3 +200,17 @@ def test_seeded_sampling_is_per_row(engine, tiny_model_path):
                                                                            GenerationSettings(max_tokens=10)))])
     assert [c.token_ids for c in together] == alone + [greedy]
     assert alone[0] != alone[1]  # different seeds, different samples
+
+
+def test_ignore_eos_generates_up_to_max_tokens(engine, tiny_model_path):
+    from dataclasses import replace
+
+    handle = engine.resolve(str(tiny_model_path))
+    free = engine.chat(handle, PROMPTS[1], GenerationSettings(max_tokens=6, ignore_eos=True))
+    assert free.completion_tokens == 6
+    end = free.token_ids[1]  # pretend its second token ends the turn
+    ends_early = replace(handle, eos_ids=[end])
+    stopped = engine.chat(ends_early, PROMPTS[1], GenerationSettings(max_tokens=6))
+    assert stopped.token_ids == free.token_ids[:free.token_ids.index(end) + 1] and stopped.finish_reason == "stop"
+    ignored = engine.chat(ends_early, PROMPTS[1], GenerationSettings(max_tokens=6, ignore_eos=True))
+    assert ignored.token_ids == free.token_ids and ignored.finish_reason == "length"

@@ -96,8 +96,8 @@ class Settings:
         pause_grace_s: how long a pausing job may take to write its checkpoint before it is stopped.
         poll_s: how often an idle worker looks for a queued job.
         device: TUNESMITH_DEVICE for training and inference (None: pick the best).
-        inference_threads: TUNESMITH_INFERENCE_THREADS, completion requests handled at once (the
-            model generates one at a time; the others wait without holding the API's threads).
+        inference_threads: TUNESMITH_INFERENCE_THREADS, completion requests handled at once, so also
+            the largest decode batch (they wait for the batch without holding the API's threads).
     """
 
     home: Path
@@ -112,7 +112,7 @@ class Settings:
     pause_grace_s: float = 120.0
     poll_s: float = 1.0
     device: str | None = None
-    inference_threads: int = 4
+    inference_threads: int = 32
 
     @property
     def files_dir(self) -> Path:

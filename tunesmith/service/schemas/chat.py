@@ -39,6 +39,7 @@ class SamplingFields(BaseModel):
     n: int | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
+    ignore_eos: bool | None = None  # vLLM's extension: generate up to max_tokens past the end of turn
 
 
 class ChatCompletionCreate(SamplingFields):
