@@ -11,7 +11,10 @@ import pytest
 from tests.service.conftest import Server, all_events, wait_finished, wait_for
 from tests.service.test_api import training_processes
 
-LONG = {"n_epochs": 4, "batch_size": 4}  # 12 steps on the 12-example file
+# 150 steps on the 12-example file: long enough that a kill lands mid-run (the tiny model
+# trains a dozen steps in well under a second)
+LONG = {"n_epochs": 50, "batch_size": 4}
+LONG_STEPS = list(range(1, 151))
 
 
 def started_count(events) -> int:
@@ -51,9 +54,9 @@ def test_sigkill_of_a_worker_mid_job_resumes_from_its_checkpoint(tiny_model_path
         assert any(e.level == "warn" and "stopped" in e.message for e in events)
         assert any(e.message.startswith("Resuming from checkpoint step") for e in events)
         assert started_count(events) == 2
-        assert metric_steps(events) == list(range(1, 13))  # each step counted once
+        assert metric_steps(events) == LONG_STEPS  # each step counted once
         steps = [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id)]
-        assert len(steps) == len(set(steps)) and max(steps) == 12
+        assert len(steps) == len(set(steps)) and max(steps) == LONG_STEPS[-1]
     finally:
         for process in (worker, replacement):
             if process is not None and process.poll() is None:
@@ -85,7 +88,7 @@ def test_sigkill_of_the_server_then_restart_resumes_and_keeps_queued_jobs(tiny_m
             assert job.status == "succeeded", job.error
         first_events, second_events = all_events(client, first.id), all_events(client, second.id)
         assert any("stopped" in e.message and e.level == "warn" for e in first_events)
-        assert metric_steps(first_events) == list(range(1, 13))
+        assert metric_steps(first_events) == LONG_STEPS
         assert started_count(second_events) == 1 and metric_steps(second_events) == [1, 2, 3]
         started = {j.id: j for j in client.fine_tuning.jobs.list()}
         assert started[first.id].fine_tuned_model != started[second.id].fine_tuned_model
@@ -98,8 +101,8 @@ def test_graceful_stop_requeues_the_running_job(tiny_model_path, tmp_path, train
     server = Server(tmp_path, tiny_model_path, workers=1).start()
     client = server.client()
     uploaded = client.files.create(file=train_file.open("rb"), purpose="fine-tune")
-    job = client.fine_tuning.jobs.create(model="tiny", training_file=uploaded.id,
-                                         hyperparameters={"n_epochs": 4, "batch_size": 4}, extra_body={"method": "lora"})
+    job = client.fine_tuning.jobs.create(model="tiny", training_file=uploaded.id, hyperparameters=LONG,
+                                         extra_body={"method": "lora"})
     wait_for(client, job.id, lambda j: (j.trained_tokens or 0) > 0)
     server.stop(getattr(signal, signal_name), group=True)  # like systemd's stop or a Ctrl-C
     restarted = Server(tmp_path, tiny_model_path, workers=1).start()
@@ -111,7 +114,7 @@ def test_graceful_stop_requeues_the_running_job(tiny_model_path, tmp_path, train
         assert any(e.message.startswith("The worker stopped; the job is queued again") for e in events)
         assert any(e.message.startswith("Resuming from checkpoint step") and not e.message.endswith(" 0")
                    for e in events)
-        assert metric_steps(events) == list(range(1, 13))
+        assert metric_steps(events) == LONG_STEPS
         assert job.model_extra["tunesmith"] == {"method": "lora"}
     finally:
         restarted.stop()
