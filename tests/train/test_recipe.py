@@ -73,8 +73,8 @@ def test_method_end_to_end(method, trained, tiny_model_path):
 
     # The saved artefact, loaded as other tools load it, fits the training data better than the base.
     samples = training_samples(config)
-    base = evaluate(load_causal_lm(tiny_model_path, device=CPU), samples, 4, 2, CPU, _no_autocast)
-    tuned = evaluate(load_trained(method, tiny_model_path, final), samples, 4, 2, CPU, _no_autocast)
+    base = evaluate(load_causal_lm(tiny_model_path, device=CPU), samples, 4, CPU, _no_autocast)
+    tuned = evaluate(load_trained(method, tiny_model_path, final), samples, 4, CPU, _no_autocast)
     assert tuned["loss"] < base["loss"] - 0.05, (base, tuned)
 
 

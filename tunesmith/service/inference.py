@@ -68,8 +68,7 @@ def generation_settings(request: SamplingFields, max_tokens: int | None):
         top_p=1.0 if request.top_p is None else request.top_p,
         stop=stop or None,
         seed=request.seed,
-        # vLLM's extension (benchmarks generate exactly max_tokens); read only once the schema declares it
-        ignore_eos=getattr(request, "ignore_eos", None) is True,
+        ignore_eos=request.ignore_eos is True,  # vLLM's extension: generate exactly max_tokens
     )
 
 

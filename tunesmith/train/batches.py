@@ -3,9 +3,9 @@
 The data layer renders each conversation with the chat template and masks
 every token but the trained assistant turns (label -100). Here the examples
 are split, ordered per epoch by a seeded generator (so a resumed run sees
-exactly the order an uninterrupted one does) and padded into batches.
-Batching lives behind :func:`make_batches` so packing can replace padding
-without touching the loop.
+exactly the order an uninterrupted one does). The loop packs them into batches
+(``train.fast.pack_batches``); :func:`collate` pads them, the plain path the
+packed one is tested against.
 """
 
 from __future__ import annotations
@@ -167,12 +167,6 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The example order of ``epoch``: a permutation from its own seeded generator."""
     generator = torch.Generator().manual_seed(seed * 10_007 + epoch)
     return torch.randperm(n, generator=generator).tolist()
-
-
-def make_batches(samples: Sequence[Sample], order: Sequence[int], batch_size: int, pad_id: int) -> list[Batch]:
-    """Group ``samples`` in ``order`` into padded batches of ``batch_size`` (the last may be smaller)."""
-    return [collate([samples[i] for i in order[start:start + batch_size]], pad_id)
-            for start in range(0, len(order), batch_size)]
 
 
 def collate(samples: Sequence[Sample], pad_id: int) -> Batch:

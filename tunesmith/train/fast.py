@@ -101,13 +101,11 @@ def pack_examples(examples: Sequence) -> PackedBatch:
     )
 
 
-def pack_batches(samples: Sequence, order: Sequence[int], batch_size: int,
-                 pad_id: int | None = None) -> list[PackedBatch]:
+def pack_batches(samples: Sequence, order: Sequence[int], batch_size: int) -> list[PackedBatch]:
     """Group ``samples`` in ``order`` into packed batches of ``batch_size`` examples (the last may be smaller).
 
-    The drop-in counterpart of padded batching (``pad_id`` is accepted for that
-    and unused: nothing is padded): the same examples make each step, so the
-    gradient is the padded path's.
+    The same examples make each step as in padded batching, so the gradient is
+    the padded path's; nothing is padded.
     """
     return [pack_examples([samples[i] for i in order[start:start + batch_size]])
             for start in range(0, len(order), batch_size)]

@@ -220,7 +220,6 @@ class _Session:
             progress: ckpt.Progress, metrics: MetricsLog, device: torch.device, trainable) -> str | None:
         """Train until the last epoch ends (returns None) or a stop is asked (returns the reason)."""
         config = self.config
-        pad_id = resolved["pad_token_id"]
         autocast = autocast_for(resolved["precision"], device)
         session_start, session_tokens = time.perf_counter(), 0
         elapsed_before = progress.elapsed_s
@@ -231,7 +230,7 @@ class _Session:
                 raise TunesmithError("the checkpoint's data order does not match the training data",
                                      "the training file changed since the run started; start a new run")
             progress.epoch, progress.data_order = epoch, order
-            groups = data.group(make_batches(training.train, order, resolved["batch_size"], pad_id),
+            groups = data.group(fast.pack_batches(training.train, order, resolved["batch_size"]),
                                 config.gradient_accumulation_steps)
             for index in range(progress.group_in_epoch, len(groups)):
                 stats = train_step(model, groups[index], optimizer, scheduler, trainable,
@@ -266,7 +265,7 @@ class _Session:
                "elapsed_s": round(progress.elapsed_s, 3)}
         if training.valid and (progress.step % resolved["eval_every_steps"] == 0
                                or progress.step == resolved["total_steps"]):
-            valid = evaluate(model, training.valid, resolved["batch_size"], resolved["pad_token_id"], device,
+            valid = evaluate(model, training.valid, resolved["batch_size"], device,
                              autocast)
             row["valid_loss"], row["valid_mean_token_accuracy"] = valid["loss"], valid["accuracy"]
         metrics.append(row)
@@ -400,12 +399,6 @@ class _Session:
 # example) and runs the output layer only at labelled positions: no compute on padding or
 # on the vocabulary projection of prompt tokens. Same gradient as the padded path
 # (tests/train/test_fast.py); figures in bench/RESULTS.md.
-USES_FAST_STEP = True
-
-
-def make_batches(samples, order, batch_size: int, pad_id: int) -> list:
-    """The batches of one pass over ``samples`` in ``order``: packed, unpadded."""
-    return fast.pack_batches(samples, order, batch_size, pad_id)
 
 
 def token_loss(model, batch) -> tuple[torch.Tensor, int]:
@@ -454,13 +447,13 @@ def train_step(model, group: list[data.Batch], optimizer, scheduler, trainable, 
 
 
 @torch.no_grad()
-def evaluate(model, samples: list[data.Sample], batch_size: int, pad_id: int, device: torch.device,
+def evaluate(model, samples: list[data.Sample], batch_size: int, device: torch.device,
              autocast) -> dict:
     """Mean token loss and accuracy over labelled tokens of ``samples`` (dropout off)."""
     was_training = model.training
     model.eval()
     loss_sum, correct, labelled = 0.0, 0, 0
-    for batch in make_batches(samples, list(range(len(samples))), batch_size, pad_id):
+    for batch in fast.pack_batches(samples, list(range(len(samples))), batch_size):
         batch = batch.to(device)
         with autocast():
             loss, right = token_loss(model, batch)
