@@ -188,6 +188,71 @@ def test_fused_lora_equals_peft(bias):
         torch.testing.assert_close(g, e)
 
 
+class _Siblings(torch.nn.Module):
+    """q/k/v and gate/up read one input each, as in a decoder layer; o_proj reads another."""
+
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = (torch.nn.Linear(12, 10, bias=True), torch.nn.Linear(12, 6),
+                                                 torch.nn.Linear(12, 6))
+        self.o_proj = torch.nn.Linear(10, 12)
+        self.gate_proj, self.up_proj = torch.nn.Linear(12, 8, bias=False), torch.nn.Linear(12, 8, bias=False)
+
+    def forward(self, x, y=None):
+        y = x if y is None else y
+        q, k, v = self.q_proj(x), self.k_proj(y), self.v_proj(x)  # with y: k reads another input
+        h = self.o_proj(q) + (k * v).sum(-1, keepdim=True)
+        return torch.nn.functional.silu(self.gate_proj(h)) * self.up_proj(h)
+
+
+def _lora_siblings():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    net = get_peft_model(_Siblings(), LoraConfig(r=3, lora_alpha=6, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"]))
+    for name, parameter in net.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.1)
+    return net
+
+
+@pytest.mark.parametrize("other_input", [False, True])
+def test_fused_lora_groups_layers_on_one_input_and_equals_peft(other_input):
+    net = _lora_siblings()
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    y = torch.randn(2, 5, 12) if other_input else None
+
+    def run():
+        x.grad = None
+        net.zero_grad(set_to_none=True)
+        out = net(x, y)
+        out.square().sum().backward()
+        return out.detach(), [x.grad.clone()] + [p.grad.clone() for p in net.parameters() if p.requires_grad]
+
+    reference, expected = run()
+    with fast.fused_lora(net) as n_fused:
+        fused, got = run()
+        groups = fast._shared_input_groups(fast._plain_lora_layers(net))
+    assert n_fused == 6
+    assert sorted(len(g) for g in groups) == [1, 2, 3]  # q/k/v, gate/up, o_proj alone
+    torch.testing.assert_close(fused, reference)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+    assert all("forward" not in vars(m) for m in net.modules())  # peft's own forwards are back
+
+
+def test_fused_lora_runs_in_the_autocast_dtype():
+    net = _lora_siblings()
+    x = torch.randn(2, 5, 12)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = net.base_model.model.q_proj(x)
+        with fast.fused_lora(net):
+            fused = net.base_model.model.q_proj(x)
+    assert fused.dtype == reference.dtype == torch.bfloat16
+    torch.testing.assert_close(fused.float(), reference.float(), rtol=2e-2, atol=2e-2)
+
+
 def test_fused_lora_drops_out_in_training_only_and_is_restored():
     net = _lora_on_linear(False, dropout=0.5)
     x = torch.randn(4, 12)

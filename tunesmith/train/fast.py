@@ -13,8 +13,9 @@ restarting at each example, and attention computed example by example
 kernel). The decoder's hidden states are then gathered at the labelled positions
 only, and the output layer plus cross-entropy runs on those rows in chunks
 (:func:`linear_cross_entropy`), computing the gradient on the way forward so the
-full logits never exist at once. Plain LoRA layers run one autograd function that
-folds the adapter's scale and sum into ``addmm`` (:func:`fused_lora`).
+full logits never exist at once. Plain LoRA layers run fused autograd functions
+that fold the adapter's scale and sum into ``addmm`` and run the layers that read
+one input (q/k/v, gate/up) together (:func:`fused_lora`).
 
 The recipe calls two functions: :func:`pack_batches` where it would pad, and
 :func:`packed_token_loss` where it would run the model and the loss. bf16 autocast
@@ -26,6 +27,7 @@ measurements that chose them are in bench/RESULTS.md.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -250,52 +252,182 @@ class _LoraLinear(torch.autograd.Function):
         return grad_x.to(x_dtype).reshape(ctx.shape), None, grad_bias, grad_a, grad_b, None, None, None
 
 
-def _fused_lora_forward(self, x, *args, **kwargs):
-    """Forward of a peft ``lora.Linear`` holding one plain LoRA adapter (see :func:`fused_lora`)."""
-    name = self.active_adapters[0]
-    dropout = self.lora_dropout[name]
-    p = dropout.p if isinstance(dropout, torch.nn.Dropout) and self.training else 0.0
-    compute_dtype = self.base_layer.weight.dtype
+class _LoraGroup(torch.autograd.Function):
+    """Several plain LoRA linears on one input (q/k/v, or gate/up), forward and backward in one function.
+
+    The adapters' down-projections run as one matmul on the stacked ``A`` matrices,
+    and the input gradient is one chain of ``addmm`` into a single buffer. Computed
+    layer by layer (peft, or :class:`_LoraLinear` per layer), each adapter reads the
+    whole input twice more (``x A^T`` forward, ``A``'s gradient backward) in skinny
+    matmuls that are memory-bound on a CPU, and autograd adds the layers' input
+    gradients in separate passes. A group of one is a single plain LoRA linear.
+    ``B``'s gradient is computed as ``(u^T g)^T``: the same product as ``g^T u``,
+    which MKL runs at half the speed (bench/RESULTS.md).
+
+    ``tensors`` holds, per member: base weight, base bias (or None), ``lora_A``, ``lora_B``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scalings: tuple, compute_dtype, *tensors):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(compute_dtype)
+        members = [tensors[i:i + 4] for i in range(0, len(tensors), 4)]
+        weights = [w.to(compute_dtype) for w, _, _, _ in members]
+        lora_b = [b.to(compute_dtype) for _, _, _, b in members]
+        ranks = [a.shape[0] for _, _, a, _ in members]
+        lora_a = torch.cat([a for _, _, a, _ in members]).to(compute_dtype) if len(members) > 1 else (
+            members[0][2].to(compute_dtype))
+        u = x2 @ lora_a.T  # [tokens, sum of ranks]: every adapter's bottleneck in one matmul
+        outputs = []
+        for (_, bias, _, _), w, b, u_i, scaling in zip(members, weights, lora_b, u.split(ranks, dim=1), scalings):
+            out = torch.addmm(bias.to(compute_dtype), x2, w.T) if bias is not None else x2 @ w.T
+            out.addmm_(u_i, b.T, alpha=scaling)
+            outputs.append(out.reshape(*shape[:-1], out.shape[-1]))
+        ctx.save_for_backward(x2, u, lora_a, *weights, *lora_b)
+        ctx.scalings, ctx.ranks, ctx.shape = scalings, ranks, shape
+        ctx.dtypes = [(None if bias is None else bias.dtype, a.dtype, b.dtype) for _, bias, a, b in members]
+        ctx.x_dtype = x.dtype
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x2, u, lora_a, *rest = ctx.saved_tensors
+        n = len(ctx.scalings)
+        weights, lora_b = rest[:n], rest[n:]
+        gs = [g.reshape(-1, g.shape[-1]).to(x2.dtype) for g in grads]
+        gu = torch.cat([(g @ b).mul_(s) for g, b, s in zip(gs, lora_b, ctx.scalings)], dim=1) if n > 1 else (
+            (gs[0] @ lora_b[0]).mul_(ctx.scalings[0]))
+        grad_a = (gu.T @ x2).split(ctx.ranks, dim=0)
+        grads_out = []
+        for i, (g, u_i, s) in enumerate(zip(gs, u.split(ctx.ranks, dim=1), ctx.scalings)):
+            bias_dtype, a_dtype, b_dtype = ctx.dtypes[i]
+            grad_b = (u_i.T @ g).T.mul_(s).to(b_dtype)
+            grad_bias = g.sum(0).to(bias_dtype) if ctx.needs_input_grad[3 + 4 * i + 1] else None
+            grads_out += [None, grad_bias, grad_a[i].to(a_dtype), grad_b]
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = gs[0] @ weights[0]
+            for g, w in zip(gs[1:], weights[1:]):
+                grad_x.addmm_(g, w)
+            grad_x.addmm_(gu, lora_a)
+            grad_x = grad_x.to(ctx.x_dtype).reshape(ctx.shape)
+        return (grad_x, None, None, *grads_out)
+
+
+# Sibling layers that read the same input in the decoders transformers ships (Llama, Qwen, Mistral,
+# Gemma, SmolLM...). A model that calls them otherwise still gets the right answer: a group
+# computes its members only for the input it was called with (see :class:`_SharedInput`).
+SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _lora_parts(module) -> tuple:
+    """(weight, bias, lora_A, lora_B, scaling, dropout probability now) of a plain peft LoRA linear."""
+    name = module.active_adapters[0]
+    dropout = module.lora_dropout[name]
+    p = dropout.p if isinstance(dropout, torch.nn.Dropout) and module.training else 0.0
+    return (module.base_layer.weight, module.base_layer.bias, module.lora_A[name].weight,
+            module.lora_B[name].weight, float(module.scaling[name]), p)
+
+
+def _compute_dtype(module, x) -> torch.dtype:
+    """The dtype the layer's matmuls run in: autocast's where it is on (ask before turning it off)."""
     if torch.is_autocast_enabled(x.device.type):
-        compute_dtype = torch.get_autocast_dtype(x.device.type)
+        return torch.get_autocast_dtype(x.device.type)
+    return module.base_layer.weight.dtype
+
+
+class _SharedInput:
+    """LoRA linears that read one input: the first called computes them all, the others take their output.
+
+    An output is handed out only to a member called with the very tensor it was
+    computed from; any other call recomputes the group on its own input.
+    """
+
+    def __init__(self, members: list):
+        self.members = members
+        self.input = None
+        self.pending: dict[int, torch.Tensor] = {}
+
+    def forward(self, module, x, *args, **kwargs):
+        if x is self.input and id(module) in self.pending:
+            return self.pending.pop(id(module))
+        parts = [_lora_parts(m) for m in self.members]
+        if any(p > 0.0 for *_, p in parts):  # dropout draws a mask per layer: layer by layer
+            return _lora_linear(module, x)
+        tensors = [t for w, bias, a, b, _, _ in parts for t in (w, bias, a, b)]
+        compute_dtype = _compute_dtype(module, x)
+        with torch.autocast(x.device.type, enabled=False):
+            outputs = _LoraGroup.apply(x, tuple(s for *_, s, _ in parts), compute_dtype, *tensors)
+        self.input = x
+        self.pending = {id(m): out for m, out in zip(self.members, outputs) if m is not module}
+        return outputs[self.members.index(module)]
+
+    def clear(self) -> None:
+        self.input, self.pending = None, {}
+
+
+def _lora_linear(module, x):
+    """One plain LoRA linear with dropout, through :class:`_LoraLinear`."""
+    weight, bias, lora_a, lora_b, scaling, p = _lora_parts(module)
+    compute_dtype = _compute_dtype(module, x)
     with torch.autocast(x.device.type, enabled=False):
-        return _LoraLinear.apply(x, self.base_layer.weight, self.base_layer.bias, self.lora_A[name].weight,
-                                 self.lora_B[name].weight, float(self.scaling[name]), p, compute_dtype)
+        return _LoraLinear.apply(x, weight, bias, lora_a, lora_b, scaling, p, compute_dtype)
 
 
-def _plain_lora_layers(model) -> list:
-    """peft LoRA linear layers that :func:`fused_lora` can take over: one plain adapter, unmerged."""
+def _plain_lora_layers(model) -> list[tuple[str, object]]:
+    """(name, layer) of the peft LoRA linears :func:`fused_lora` can take over: one plain adapter, unmerged."""
     try:
         from peft.tuners.lora.layer import Linear as LoraLinear
     except ImportError:
         return []
     layers = []
-    for module in model.modules():
+    for name, module in model.named_modules():
         if (isinstance(module, LoraLinear) and not module.disable_adapters and not module.merged
                 and len(module.active_adapters) == 1 and module.active_adapters[0] in module.lora_A
                 and module.active_adapters[0] not in module.lora_variant
                 and isinstance(module.base_layer, torch.nn.Linear)
                 and not module.base_layer.weight.requires_grad
                 and module.lora_B[module.active_adapters[0]].bias is None):
-            layers.append(module)
+            layers.append((name, module))
     return layers
+
+
+def _shared_input_groups(layers: list[tuple[str, object]]) -> list[list]:
+    """``layers`` grouped by :data:`SHARED_INPUT_GROUPS` within each parent module; the rest alone."""
+    by_parent: dict[tuple[str, str], list] = {}
+    groups = []
+    for name, module in layers:
+        parent, _, leaf = name.rpartition(".")
+        kind = next((i for i, group in enumerate(SHARED_INPUT_GROUPS) if leaf in group), None)
+        if kind is None:
+            groups.append([module])
+        else:
+            by_parent.setdefault((parent, str(kind)), []).append(module)
+    for members in by_parent.values():
+        features = {m.base_layer.in_features for m in members}
+        groups += [members] if len(features) == 1 else [[m] for m in members]
+    return groups
 
 
 @contextlib.contextmanager
 def fused_lora(model) -> Iterator[int]:
-    """Within the block, plain LoRA layers of ``model`` run :class:`_LoraLinear`; yields how many.
+    """Within the block, plain LoRA layers of ``model`` run fused (:class:`_LoraGroup`); yields how many.
 
     The adapters' parameters are peft's own, so saving, loading and merging are
     untouched; DoRA and other variants, merged or disabled adapters keep peft's path.
     """
     layers = _plain_lora_layers(model)
-    for module in layers:
-        module.forward = _fused_lora_forward.__get__(module)
+    groups = [_SharedInput(members) for members in _shared_input_groups(layers)]
+    for group in groups:
+        for module in group.members:
+            module.forward = functools.partial(group.forward, module)
     try:
         yield len(layers)
     finally:
-        for module in layers:
-            del module.forward
+        for group in groups:
+            group.clear()
+            for module in group.members:
+                del module.forward
 
 
 # --------------------------------------------------------------------------- loss
@@ -316,7 +448,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         weight_c = weight.to(compute_dtype)
         need_hidden, need_weight = hidden.requires_grad, weight.requires_grad
         grad_hidden = torch.empty_like(hidden, dtype=torch.float32) if need_hidden else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        grad_weight = None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         correct = torch.zeros((), dtype=torch.long, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_rows):
@@ -338,7 +470,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_logits = grad_logits.to(compute_dtype)
             if need_hidden:
                 grad_hidden[start:start + chunk_rows] = grad_logits @ weight_c
-            if need_weight and compute_dtype == torch.float32:
+            if need_weight and grad_weight is None:  # the first chunk's product is the buffer: no zero fill
+                grad_weight = (grad_logits.T @ h).float()
+            elif need_weight and compute_dtype == torch.float32:
                 grad_weight.addmm_(grad_logits.T, h)
             elif need_weight:
                 grad_weight += grad_logits.T @ h
@@ -349,10 +483,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, _grad_correct):
+        # The saved gradients are scaled in place: the output layer's is vocab x d (113 MB in
+        # SmolLM2), and a scaled copy of it costs a fresh allocation and a pass over it every step.
+        if getattr(ctx, "consumed", False):
+            raise RuntimeError("linear_cross_entropy's backward can run only once (retain_graph is not supported)")
+        ctx.consumed = True
         grad_hidden, grad_weight = ctx.saved_tensors
         hidden_dtype, weight_dtype = ctx.dtypes
-        gh = None if grad_hidden is None else (grad_hidden * grad_total).to(hidden_dtype)
-        gw = None if grad_weight is None else (grad_weight * grad_total).to(weight_dtype)
+        gh = None if grad_hidden is None else grad_hidden.mul_(grad_total).to(hidden_dtype)
+        gw = None if grad_weight is None else grad_weight.mul_(grad_total).to(weight_dtype)
         return gh, gw, None, None, None, None
 
 
@@ -410,7 +549,7 @@ def packed_token_loss(model, batch: PackedBatch, *, chunk_rows: int | None = Non
                                 chunk_rows=chunk_rows, softcap=softcap)
 
 
-# --------------------------------------------------------------------------- precision and optimizer
+# --------------------------------------------------------------------------- precision
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -419,11 +558,3 @@ def cpu_has_fast_bf16() -> bool:
         return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
     except AttributeError:  # a torch without these probes: assume not
         return False
-
-
-def fast_adamw(params, *, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8):
-    """AdamW with the fused kernel (one pass over each tensor; CPU and CUDA since torch 2.4).
-
-    On the 2-core CPU it measured level with the default foreach kernel (bench/RESULTS.md).
-    """
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, fused=True)

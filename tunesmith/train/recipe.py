@@ -170,7 +170,7 @@ class _Session:
                  {"resolved": resolved})
         # 6. Optimizer and schedule over the trainable weights only.
         trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = _optimizer(trainable, resolved["learning_rate"], device)
+        optimizer = _optimizer(trainable, resolved["learning_rate"])
         scheduler = _scheduler(optimizer, config.schedule, resolved["warmup_steps"], resolved["total_steps"])
         # 7. The run folder: a fresh manifest, or the last complete checkpoint restored.
         progress, metrics = self.open_run(resume, source, resolved, training, model, optimizer, scheduler,
@@ -521,10 +521,11 @@ def _load_model(source: ModelSource, method, device: torch.device):
     return model
 
 
-def _optimizer(parameters, learning_rate: float, device: torch.device) -> torch.optim.Optimizer:
-    # fused kernels on CUDA (one launch for all tensors); foreach, the default, on the CPU
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=WEIGHT_DECAY, fused=fused or None)
+def _optimizer(parameters, learning_rate: float) -> torch.optim.Optimizer:
+    # The fused kernel makes one pass over each tensor, on the CPU as on CUDA. The default foreach
+    # kernel allocates a temporary per step of the update (sqrt, division, products): for full
+    # fine-tuning on the CPU those passes over every parameter cost 11% of the step (bench/RESULTS.md).
+    return torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=WEIGHT_DECAY, fused=True)
 
 
 def _scheduler(optimizer, schedule: str, warmup_steps: int, total_steps: int):
