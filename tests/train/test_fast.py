@@ -253,6 +253,31 @@ def test_fused_lora_runs_in_the_autocast_dtype():
     torch.testing.assert_close(fused.float(), reference.float(), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_fused_rms_norm_equals_transformers(kind):
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(16, eps=1e-5) if kind == "llama" else Gemma3RMSNorm(16, eps=1e-6)
+    torch.nn.init.normal_(norm.weight)
+    net = torch.nn.Sequential(norm)
+    x = torch.randn(2, 7, 16, requires_grad=True)
+
+    def run():
+        x.grad, norm.weight.grad = None, None
+        out = net(x)
+        (out * torch.linspace(-1, 1, 16)).square().sum().backward()
+        return out.detach(), x.grad.clone(), norm.weight.grad.clone()
+
+    expected = run()
+    with fast.fused_rms_norm(net) as n_fused:
+        got = run()
+    assert n_fused == 1 and "forward" not in vars(norm)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+
+
 def test_fused_lora_drops_out_in_training_only_and_is_restored():
     net = _lora_on_linear(False, dropout=0.5)
     x = torch.randn(4, 12)
