@@ -337,9 +337,8 @@ def run_case_in_subprocess(case: Case) -> dict:
     return {"error": (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"], "wall_s": wall}
 
 
-def best_of(case: Case, repeat: int) -> dict:
-    """The fastest of ``repeat`` runs of ``case`` (other work on a shared machine only ever slows a run)."""
-    runs = [run_case_in_subprocess(case) for _ in range(repeat)]
+def best_of(runs: list[dict]) -> dict:
+    """The fastest of a case's runs (other work on a shared machine only ever slows a run)."""
     good = [r for r in runs if "error" not in r]
     if not good:
         return runs[-1]
@@ -397,7 +396,8 @@ def render(cases: list[Case], results: dict[str, dict], peak: dict, info: dict, 
         f"learning rate {LEARNING_RATE['lora']} (LoRA) / {LEARNING_RATE['full']} scaled by the recipe's size rule "
         "(full), cosine schedule, 5% warm-up.",
         f"- tokens/s counts real (non-padding) tokens over the steps after the first {WARMUP_STEPS} (with "
-        "`--repeat N`, the fastest of N runs of the case, each in a fresh process); peak RSS is "
+        "`--repeat N`, the fastest of N runs of the case, each in a fresh process, the cases taking turns round "
+        "after round); peak RSS is "
         "each run's own process; loss is the mean training loss of the last 4 steps; MFU counts the useful "
         "FLOPs (no padding, output layer at labelled positions only) against the matmul peak of the run's "
         "precision.",
@@ -457,7 +457,7 @@ def main() -> None:
     parser.add_argument("--merge", action="store_true", help="add to the results already in --out's .json "
                         "(cases measured again replace theirs) instead of starting a new table")
     parser.add_argument("--report", action="store_true", help="only rewrite --out from its .json (no runs)")
-    parser.add_argument("--repeat", type=int, default=1, help="run each case N times and keep the fastest "
+    parser.add_argument("--repeat", type=int, default=1, help="run the cases N rounds, taking turns, and keep each one's fastest "
                         "(steadier ratios on a shared machine)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -493,8 +493,12 @@ def main() -> None:
     raw = Path(out).with_suffix(".json") if out else None
     if args.merge and raw is not None and raw.is_file():
         results = json.loads(raw.read_text(encoding="utf-8"))["results"]
-    for case in cases:
-        result = best_of(case, args.repeat)
+    runs: dict[str, list[dict]] = {case.label: [] for case in cases}
+    # With --repeat, the cases take turns (round after round) rather than running N times in a row:
+    # a slow spell of a shared machine then hits every runner, not one case's repeats.
+    for case in [case for _ in range(args.repeat) for case in cases]:
+        runs[case.label].append(run_case_in_subprocess(case))
+        result = best_of(runs[case.label])
         if "error" not in result:
             attach_flops(case, result, peak)
             print(f"{case.label:55s} {result['tokens_per_s']:7.1f} tok/s  rss {result['peak_rss_mib']:6.0f} MiB  "
