@@ -244,13 +244,23 @@ def test_fused_lora_groups_layers_on_one_input_and_equals_peft(other_input):
 
 def test_fused_lora_runs_in_the_autocast_dtype():
     net = _lora_siblings()
-    x = torch.randn(2, 5, 12)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        reference = net.base_model.model.q_proj(x)
-        with fast.fused_lora(net):
-            fused = net.base_model.model.q_proj(x)
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    attention = net.base_model.model
+
+    def run():
+        x.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            q, k, v = attention.q_proj(x), attention.k_proj(x), attention.v_proj(x)
+        (q.float().square().sum() + (k.float() * v.float()).sum()).backward()
+        return q, x.grad.clone()
+
+    reference, reference_grad = run()
+    with fast.fused_lora(net):
+        fused, fused_grad = run()
     assert fused.dtype == reference.dtype == torch.bfloat16
+    assert fused_grad.dtype == torch.float32  # the input's dtype: the layers' gradients summed in fp32
     torch.testing.assert_close(fused.float(), reference.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(fused_grad, reference_grad, rtol=2e-2, atol=5e-2)
 
 
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])

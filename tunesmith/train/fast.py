@@ -307,12 +307,28 @@ class _LoraGroup(torch.autograd.Function):
             grads_out += [None, grad_bias, grad_a[i].to(a_dtype), grad_b]
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = gs[0] @ weights[0]
-            for g, w in zip(gs[1:], weights[1:]):
-                grad_x.addmm_(g, w)
-            grad_x.addmm_(gu, lora_a)
-            grad_x = grad_x.to(ctx.x_dtype).reshape(ctx.shape)
+            grad_x = _sum_of_products([(g, w) for g, w in zip(gs, weights)] + [(gu, lora_a)], ctx.x_dtype)
+            grad_x = grad_x.reshape(ctx.shape)
         return (grad_x, None, None, *grads_out)
+
+
+def _sum_of_products(pairs: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> torch.Tensor:
+    """``sum(a @ b)`` in ``dtype``: one ``addmm`` chain when the products are in ``dtype`` already.
+
+    Under bf16 autocast each product is rounded to bf16 once and the sum is taken
+    in ``dtype`` (fp32), as autograd sums the input gradients of separate layers:
+    a chain of ``addmm_`` into a bf16 buffer would round after every term.
+    """
+    (a, b), rest = pairs[0], pairs[1:]
+    total = a @ b
+    if total.dtype == dtype:
+        for a, b in rest:
+            total.addmm_(a, b)
+        return total
+    total = total.to(dtype)
+    for a, b in rest:
+        total.add_(a @ b)
+    return total
 
 
 # Sibling layers that read the same input in the decoders transformers ships (Llama, Qwen, Mistral,
