@@ -157,16 +157,21 @@ def test_batch_without_labels_gives_zero_loss_with_a_graph():
     assert (total.item(), correct) == (0.0, 0)
 
 
-def _lora_on_linear(bias: bool, dropout: float):
+def _with_lora(make_net, target_modules: list[str], dropout: float = 0.0):
+    """A seeded ``make_net()`` under peft LoRA r=3, with nonzero ``B`` so the adapters change the output."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(12, 10, bias=bias))
-    net = get_peft_model(net, LoraConfig(r=3, lora_alpha=6, lora_dropout=dropout, target_modules=["0"]))
+    net = get_peft_model(make_net(), LoraConfig(r=3, lora_alpha=6, lora_dropout=dropout,
+                                                target_modules=target_modules))
     for name, parameter in net.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(parameter, std=0.1)
     return net
+
+
+def _lora_on_linear(bias: bool, dropout: float):
+    return _with_lora(lambda: torch.nn.Sequential(torch.nn.Linear(12, 10, bias=bias)), ["0"], dropout)
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -206,15 +211,7 @@ class _Siblings(torch.nn.Module):
 
 
 def _lora_siblings():
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(0)
-    net = get_peft_model(_Siblings(), LoraConfig(r=3, lora_alpha=6, target_modules=[
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"]))
-    for name, parameter in net.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(parameter, std=0.1)
-    return net
+    return _with_lora(_Siblings, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"])
 
 
 @pytest.mark.parametrize("other_input", [False, True])

@@ -257,7 +257,7 @@ class _LoraGroup(torch.autograd.Function):
     """Several plain LoRA linears on one input (q/k/v, or gate/up), forward and backward in one function.
 
     The adapters' down-projections run as one matmul on the stacked ``A`` matrices,
-    and the input gradient is one chain of ``addmm`` into a single buffer. Computed
+    and the input gradient is one sum of products (:func:`_sum_of_products`). Computed
     layer by layer (peft, or :class:`_LoraLinear` per layer), each adapter reads the
     whole input twice more (``x A^T`` forward, ``A``'s gradient backward) in skinny
     matmuls that are memory-bound on a CPU, and autograd adds the layers' input
@@ -276,8 +276,7 @@ class _LoraGroup(torch.autograd.Function):
         weights = [w.to(compute_dtype) for w, _, _, _ in members]
         lora_b = [b.to(compute_dtype) for _, _, _, b in members]
         ranks = [a.shape[0] for _, _, a, _ in members]
-        lora_a = torch.cat([a for _, _, a, _ in members]).to(compute_dtype) if len(members) > 1 else (
-            members[0][2].to(compute_dtype))
+        lora_a = torch.cat([a for _, _, a, _ in members]).to(compute_dtype)
         u = x2 @ lora_a.T  # [tokens, sum of ranks]: every adapter's bottleneck in one matmul
         outputs = []
         for (_, bias, _, _), w, b, u_i, scaling in zip(members, weights, lora_b, u.split(ranks, dim=1), scalings):
@@ -296,8 +295,7 @@ class _LoraGroup(torch.autograd.Function):
         n = len(ctx.scalings)
         weights, lora_b = rest[:n], rest[n:]
         gs = [g.reshape(-1, g.shape[-1]).to(x2.dtype) for g in grads]
-        gu = torch.cat([(g @ b).mul_(s) for g, b, s in zip(gs, lora_b, ctx.scalings)], dim=1) if n > 1 else (
-            (gs[0] @ lora_b[0]).mul_(ctx.scalings[0]))
+        gu = torch.cat([(g @ b).mul_(s) for g, b, s in zip(gs, lora_b, ctx.scalings)], dim=1)
         grad_a = (gu.T @ x2).split(ctx.ranks, dim=0)
         grads_out = []
         for i, (g, u_i, s) in enumerate(zip(gs, u.split(ctx.ranks, dim=1), ctx.scalings)):
@@ -411,7 +409,7 @@ def _plain_lora_layers(model) -> list[tuple[str, object]]:
 
 def _shared_input_groups(layers: list[tuple[str, object]]) -> list[list]:
     """``layers`` grouped by :data:`SHARED_INPUT_GROUPS` within each parent module; the rest alone."""
-    by_parent: dict[tuple[str, str], list] = {}
+    by_parent: dict[tuple[str, int], list] = {}
     groups = []
     for name, module in layers:
         parent, _, leaf = name.rpartition(".")
@@ -419,7 +417,7 @@ def _shared_input_groups(layers: list[tuple[str, object]]) -> list[list]:
         if kind is None:
             groups.append([module])
         else:
-            by_parent.setdefault((parent, str(kind)), []).append(module)
+            by_parent.setdefault((parent, kind), []).append(module)
     for members in by_parent.values():
         features = {m.base_layer.in_features for m in members}
         groups += [members] if len(features) == 1 else [[m] for m in members]
