@@ -118,6 +118,36 @@ def test_packed_attention_is_restored_after_the_block(tiny_model_path):
     assert model.config._attn_implementation == before
 
 
+def test_packed_attention_under_bf16_autocast_has_sdpa_forward_and_fp32_accurate_gradients():
+    torch.manual_seed(0)
+    lengths = [37, 5, 60]
+    q, k, v = (torch.randn(1, 4, sum(lengths), 16, requires_grad=True) for _ in range(3))
+    k_small, v_small = (t.detach()[:, :2].clone().requires_grad_() for t in (k, v))  # GQA: 2 kv heads
+    bounds = torch.tensor([0, 37, 42, 102], dtype=torch.int32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = fast.varlen_sdpa_attention(None, q, k_small, v_small, None, scaling=0.25, cu_seq_lens_q=bounds)
+    grad = torch.randn_like(out, dtype=torch.float32)
+    out.float().backward(grad)
+    assert out.dtype == torch.bfloat16
+
+    def reference(dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k_small, v_small)]
+        kk, vv = (t.repeat_interleave(2, dim=1) for t in leaves[1:])
+        pieces = [F.scaled_dot_product_attention(a, b, c, is_causal=True, scale=0.25)
+                  for a, b, c in zip(*(t.split(lengths, dim=2) for t in (leaves[0].to(dtype), kk, vv)))]
+        ref = torch.cat(pieces, dim=2).transpose(1, 2)
+        ref.float().backward(grad)
+        return ref, [t.grad for t in leaves]
+
+    sdpa_out, sdpa_grads = reference(torch.bfloat16)
+    exact_out, exact_grads = reference(torch.float64)
+    torch.testing.assert_close(out, sdpa_out, atol=0, rtol=0)  # the same bf16 forward kernel
+    for got, bf16, exact in zip((q.grad, k_small.grad, v_small.grad), sdpa_grads, exact_grads):
+        error = (got.double() - exact).norm() / exact.norm()
+        assert error < 5e-3  # bf16 inputs, fp32 backward
+        assert error <= (bf16.double() - exact).norm() / exact.norm() * 1.1  # no worse than bf16 sdpa
+
+
 @pytest.mark.parametrize("softcap", [None, 5.0])
 def test_linear_cross_entropy_equals_full_logits(softcap):
     torch.manual_seed(0)
@@ -155,6 +185,23 @@ def test_batch_without_labels_gives_zero_loss_with_a_graph():
     total, correct = fast.linear_cross_entropy(hidden, torch.randn(20, 8), torch.zeros(0, dtype=torch.long))
     total.backward()
     assert (total.item(), correct) == (0.0, 0)
+
+
+def test_cast_weight_keeps_the_copy_of_a_frozen_weight_until_it_changes_or_dies():
+    frozen = torch.nn.Parameter(torch.randn(8, 4), requires_grad=False)
+    first = fast.cast_weight(frozen, torch.bfloat16)
+    assert first.dtype == torch.bfloat16 and fast.cast_weight(frozen, torch.bfloat16) is first
+    assert fast.cast_weight(frozen, torch.float32) is frozen
+    with torch.no_grad():
+        frozen.mul_(2.0)  # an in-place change: the copy is made again
+    again = fast.cast_weight(frozen, torch.bfloat16)
+    assert again is not first
+    torch.testing.assert_close(again, (frozen * 1).to(torch.bfloat16), atol=0, rtol=0)
+    trained = torch.nn.Parameter(torch.randn(8, 4))
+    assert fast.cast_weight(trained, torch.bfloat16) is not fast.cast_weight(trained, torch.bfloat16)
+    key = id(frozen)
+    del frozen, first, again
+    assert key not in fast._FROZEN_CASTS
 
 
 def _with_lora(make_net, target_modules: list[str], dropout: float = 0.0):
