@@ -332,6 +332,37 @@ def test_fused_rms_norm_equals_transformers(kind):
         torch.testing.assert_close(g, e)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rotary_equals_transformers_and_is_restored(dtype):
+    from transformers.models.llama import modeling_llama
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    original = modeling_llama.apply_rotary_pos_emb
+    torch.manual_seed(0)
+    # queries and keys as attention makes them (a transposed view; 4 query heads, 2 key heads)
+    q = torch.randn(2, 5, 4, 8).to(dtype).transpose(1, 2).requires_grad_()
+    k = torch.randn(2, 5, 2, 8).to(dtype).transpose(1, 2).requires_grad_()
+    cos, sin = torch.randn(2, 5, 8), torch.randn(2, 5, 8)  # halves differ: no layout assumed
+
+    def run():
+        q.grad = k.grad = None
+        q_out, k_out = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
+        (q_out.float().square().sum() + (k_out.float() * 3).sum()).backward()
+        return q_out.detach(), k_out.detach(), q.grad.clone(), k.grad.clone()
+
+    expected = run()
+    attention = LlamaAttention(LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2), 0)
+    with fast.fused_rotary(attention) as n_outer, fast.fused_rotary(attention) as n_inner:
+        assert modeling_llama.apply_rotary_pos_emb is not original
+        got = run()
+    assert (n_outer, n_inner) == (1, 1) and modeling_llama.apply_rotary_pos_emb is original
+    for g, e in zip(got, expected):
+        assert g.dtype == e.dtype  # fp32 out of bf16 queries, as transformers' promotion gives
+        tolerance = {} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+        torch.testing.assert_close(g, e, **tolerance)
+
+
 def test_fused_lora_drops_out_in_training_only_and_is_restored():
     net = _lora_on_linear(False, dropout=0.5)
     x = torch.randn(4, 12)

@@ -15,8 +15,9 @@ only, and the output layer plus cross-entropy runs on those rows in chunks
 (:func:`linear_cross_entropy`), computing the gradient on the way forward so the
 full logits never exist at once. Plain LoRA layers run fused autograd functions
 that fold the adapter's scale and sum into ``addmm`` and run the layers that read
-one input (q/k/v, gate/up) together (:func:`fused_lora`); RMSNorm runs a
-hand-written backward (:func:`fused_rms_norm`).
+one input (q/k/v, gate/up) together (:func:`fused_lora`); RMSNorm and the
+rotary embedding run hand-written backwards (:func:`fused_rms_norm`,
+:func:`fused_rotary`).
 
 The recipe calls two functions: :func:`pack_batches` where it would pad, and
 :func:`packed_token_loss` where it would run the model and the loss. bf16 autocast
@@ -29,6 +30,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -584,6 +587,97 @@ def fused_rms_norm(model) -> Iterator[int]:
             del module.forward
 
 
+# --------------------------------------------------------------------------- rotary embedding
+
+
+def _rotate(x, cos, sin, dtype, sign: float) -> torch.Tensor:
+    """``x * cos + rotate_half(x) * sin`` (``sign`` 1), or its transpose for the backward (``sign`` -1).
+
+    Written half by half into one output: ``[x1 c1 - x2 s1, x2 c2 + x1 s2]``. Its
+    transpose, the gradient, is ``[g1 c1 + g2 s2, g2 c2 - g1 s1]``.
+    """
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    c1, c2, s1, s2 = cos[..., :half], cos[..., half:], sin[..., :half], sin[..., half:]
+    if sign < 0:
+        s1, s2 = s2, s1
+    out = torch.empty_like(x, dtype=dtype)
+    first, second = out[..., :half], out[..., half:]
+    torch.mul(x1, c1, out=first).addcmul_(x2, s1, value=-sign)
+    torch.mul(x2, c2, out=second).addcmul_(x1, s2, value=sign)
+    return out
+
+
+class _Rotary(torch.autograd.Function):
+    """Rotary embedding of queries and keys as one function: four passes each way instead of a dozen.
+
+    transformers writes it ``q * cos + rotate_half(q) * sin``: a slice, a negation,
+    a cat, two products and a sum, each a pass over the tensor with its own
+    backward, for queries and for keys, in every layer. Same values to float
+    rounding; cos and sin are constants (transformers computes them without grad).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        ctx.save_for_backward(cos, sin)
+        ctx.dtypes = (q.dtype, k.dtype)
+        return (_rotate(q, cos, sin, torch.result_type(q, cos), 1.0),
+                _rotate(k, cos, sin, torch.result_type(k, cos), 1.0))
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k):
+        cos, sin = ctx.saved_tensors
+        q_dtype, k_dtype = ctx.dtypes
+        return _rotate(grad_q, cos, sin, q_dtype, -1.0), _rotate(grad_k, cos, sin, k_dtype, -1.0), None, None
+
+
+# transformers modules whose ``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)`` is the
+# rotate-half form on the whole head (partial-rotary models such as Phi-3 are not listed).
+ROTARY_MODULES = tuple(f"transformers.models.{name}.modeling_{name}"
+                       for name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3"))
+_ROTARY_LOCK = threading.Lock()
+_ROTARY_USERS: dict[str, list] = {}  # module name -> [transformers' own function, blocks inside]
+
+
+def _fused_rotary_function(original):
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        if (unsqueeze_dim != 1 or cos.requires_grad or sin.requires_grad or q.shape[-1] % 2
+                or cos.shape[-1] != q.shape[-1]):
+            return original(q, k, cos, sin, unsqueeze_dim)
+        return _Rotary.apply(q, k, cos, sin)
+
+    return apply_rotary_pos_emb
+
+
+@contextlib.contextmanager
+def fused_rotary(model) -> Iterator[int]:
+    """Within the block, the rotary embedding of ``model``'s architecture runs :class:`_Rotary`; yields 1 or 0.
+
+    transformers calls the module-level ``apply_rotary_pos_emb`` of the model's
+    modeling file, so that is what is replaced, for the block's duration (blocks
+    may nest or run in several threads: the first in installs, the last out restores).
+    """
+    names = {type(m).__module__ for m in model.modules()} & set(ROTARY_MODULES)
+    modules = [sys.modules[name] for name in sorted(names)]
+    with _ROTARY_LOCK:
+        for module in modules:
+            users = _ROTARY_USERS.setdefault(module.__name__, [module.apply_rotary_pos_emb, 0])
+            if users[1] == 0:
+                module.apply_rotary_pos_emb = _fused_rotary_function(users[0])
+            users[1] += 1
+    try:
+        yield len(modules)
+    finally:
+        with _ROTARY_LOCK:
+            for module in modules:
+                users = _ROTARY_USERS[module.__name__]
+                users[1] -= 1
+                if users[1] == 0:
+                    module.apply_rotary_pos_emb = users[0]
+                    del _ROTARY_USERS[module.__name__]
+
+
 # --------------------------------------------------------------------------- loss
 
 
@@ -682,8 +776,8 @@ def packed_token_loss(model, batch: PackedBatch, *, chunk_rows: int | None = Non
     The decoder runs once over the packed row; the output layer only on the
     labelled rows. Works for a transformers causal LM or a PEFT model wrapping
     one; attention runs per example (:func:`packed_attention`), plain LoRA
-    layers fused (:func:`fused_lora`) and RMSNorm with its own backward
-    (:func:`fused_rms_norm`) for the duration of the call.
+    layers fused (:func:`fused_lora`), RMSNorm and the rotary embedding with their
+    own backwards (:func:`fused_rms_norm`, :func:`fused_rotary`) for the duration of the call.
 
     Returns:
         (summed loss, correct count), as the padded path's ``token_loss`` gives them.
@@ -693,7 +787,7 @@ def packed_token_loss(model, batch: PackedBatch, *, chunk_rows: int | None = Non
     if getattr(head, "bias", None) is not None:
         raise ValueError("an output layer with a bias is not supported by the packed loss")
     bounds = batch.cu_seqlens
-    with packed_attention(model), fused_lora(model), fused_rms_norm(model):
+    with packed_attention(model), fused_lora(model), fused_rms_norm(model), fused_rotary(model):
         hidden = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
                          cu_seq_lens_q=bounds, cu_seq_lens_k=bounds,
                          max_length_q=batch.max_seqlen, max_length_k=batch.max_seqlen).last_hidden_state
