@@ -65,14 +65,18 @@ class Case:
     min_len: int = 140
     max_len: int = 440
     steps: int = 16
+    device: str = "cpu"
 
     @property
     def label(self) -> str:
-        return f"{self.group}/{self.model}/{self.max_len}/{self.method}/{self.runner}/{self.precision}"
+        label = f"{self.group}/{self.model}/{self.max_len}/{self.method}/{self.runner}/{self.precision}"
+        return label if self.device == "cpu" else f"{label}/{self.device}"
 
 
-def all_cases(steps: int, quick: bool) -> list[Case]:
-    """The full comparison, or a smoke subset with ``quick``."""
+def all_cases(steps: int, quick: bool, device: str = "cpu") -> list[Case]:
+    """The full comparison, or a smoke subset with ``quick``; on a GPU, Gemma 3 270M's rows."""
+    if device != "cpu":
+        return gpu_cases(steps, device)
     if quick:
         return [Case("main", runner, "lora", "fp32", steps=steps) for runner in ("trainer", "tunesmith")]
     cases = []
@@ -90,6 +94,16 @@ def all_cases(steps: int, quick: bool) -> list[Case]:
     for runner, precision in (("trainer", "fp32"), ("trainer", "bf16"), ("tunesmith", "fp32"),
                               ("tunesmith", "bf16")):
         cases.append(Case("gemma", runner, "lora", precision, model="gemma3-270m", steps=max(4, steps // 2)))
+    return cases
+
+
+def gpu_cases(steps: int, device: str) -> list[Case]:
+    """On a GPU: Gemma 3 270M, LoRA and full, the Trainer in fp32 and bf16, TRL, tunesmith in bf16 and fp32."""
+    cases = []
+    for method in ("lora", "full"):
+        for runner, precision in (("trainer", "fp32"), ("trainer", "bf16"), ("trl", "bf16"), ("tunesmith", "fp32"),
+                                  ("tunesmith", "bf16")):
+            cases.append(Case("gpu", runner, method, precision, model="gemma3-270m", steps=steps, device=device))
     return cases
 
 
@@ -140,7 +154,9 @@ def run_child(case: Case) -> dict:
     ends, tokens = out["ends"], out["step_tokens"]
     timed = slice(WARMUP_STEPS, None)
     seconds = ends[-1] - ends[WARMUP_STEPS - 1]
+    gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if case.device.startswith("cuda") else None
     return {
+        "peak_gpu_mib": gpu_peak,
         "tokens": sum(tokens[timed]),
         "seconds": seconds,
         "tokens_per_s": sum(tokens[timed]) / seconds,
@@ -179,7 +195,7 @@ def run_hf(case: Case, path: Path, tokenizer, conversations, encoded, order, scr
     lora = LoraConfig(task_type="CAUSAL_LM", **LORA) if case.method == "lora" else None
     common = dict(output_dir=str(scratch / "out"), per_device_train_batch_size=BATCH_SIZE, max_steps=case.steps,
                   learning_rate=learning_rate(case), logging_steps=1, save_strategy="no", report_to="none",
-                  train_sampling_strategy="sequential", seed=SEED, use_cpu=True, disable_tqdm=True,
+                  train_sampling_strategy="sequential", seed=SEED, use_cpu=case.device == "cpu", disable_tqdm=True,
                   dataloader_num_workers=0)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     if case.runner == "trainer":
@@ -224,7 +240,7 @@ def run_recipe(case: Case, conversations, scratch: Path) -> dict:
 
     config = TrainConfig(model=case.model, data=str(data), method=case.method, epochs=1, batch_size=BATCH_SIZE,
                          learning_rate_multiplier=1.0, max_length=4096, seed=SEED, out=str(scratch / "run"),
-                         warmup_ratio=WARMUP_RATIO, schedule="cosine", device="cpu", precision=case.precision,
+                         warmup_ratio=WARMUP_RATIO, schedule="cosine", device=case.device, precision=case.precision,
                          **({"lora_r": LORA["r"], "lora_alpha": LORA["lora_alpha"],
                              "lora_dropout": LORA["lora_dropout"]} if case.method == "lora" else {}))
     started = time.perf_counter()
@@ -241,21 +257,26 @@ def run_recipe(case: Case, conversations, scratch: Path) -> dict:
 # ============================================================================ peak, FLOPs, machine
 
 
-def matmul_peak() -> dict:
+def matmul_peak(device: str = "cpu") -> dict:
     """Best GEMM rate (GFLOP/s) in fp32 and bf16 over a few square and model-shaped products."""
     import torch
 
     shapes = [(2048, 2048, 2048), (4096, 4096, 4096), (1152, 576, 1536), (1152, 1536, 576)]
+    if device != "cpu":
+        shapes.append((8192, 8192, 8192))
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     peak = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         best = 0.0
         for m, k, n in shapes:
-            a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+            a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
             for _ in range(2):
                 a @ b
             for _ in range(5):
+                sync()
                 started = time.perf_counter()
                 a @ b
+                sync()
                 best = max(best, 2 * m * k * n / (time.perf_counter() - started) / 1e9)
         peak[name] = best
     return peak
@@ -294,8 +315,8 @@ def model_flops(model: str, examples: list[tuple[list[int], list[int]]], method:
     return total
 
 
-def machine() -> dict:
-    """CPU model, cores and library versions."""
+def machine(device: str = "cpu") -> dict:
+    """CPU model, cores, the GPU (when measuring on one) and library versions."""
     import importlib.metadata as md
 
     model = platform.processor()
@@ -318,8 +339,9 @@ def machine() -> dict:
             versions[package] = md.version(package)
         except md.PackageNotFoundError:
             versions[package] = "not installed"
+    gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None
     return {"cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "bf16_units": flags,
-            "python": platform.python_version(), "versions": versions}
+            "gpu": gpu, "python": platform.python_version(), "versions": versions}
 
 
 # ============================================================================ parent: run, compare, report
@@ -334,7 +356,9 @@ def run_case_in_subprocess(case: Case) -> dict:
     for line in reversed(done.stdout.splitlines()):
         if line.startswith("RESULT "):
             return {**json.loads(line[len("RESULT "):]), "wall_s": wall}
-    return {"error": (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"], "wall_s": wall}
+    tail = (done.stderr or done.stdout).strip().splitlines()
+    print("\n".join(tail[-20:]), file=sys.stderr, flush=True)  # the traceback, for whoever runs the bench
+    return {"error": tail[-1:] or ["no output"], "wall_s": wall}
 
 
 def best_of(runs: list[dict]) -> dict:
@@ -386,7 +410,8 @@ def render(cases: list[Case], results: dict[str, dict], peak: dict, info: dict, 
         "average after it: other work on the machine slows every runner alike only if it is steady).",
         "",
         f"- Machine: {info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads), "
-        f"bf16 units: {', '.join(info['bf16_units']) or 'none'}; Python {info['python']}.",
+        f"bf16 units: {', '.join(info['bf16_units']) or 'none'}; Python {info['python']}"
+        + (f"; GPU: {info['gpu']}." if info.get("gpu") else "."),
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()) + ".",
         f"- Matmul peak measured at the start of the run: fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} "
         "GFLOP/s (with `--merge`, each row's MFU uses the peak measured by its own invocation).",
@@ -407,14 +432,16 @@ def render(cases: list[Case], results: dict[str, dict], peak: dict, info: dict, 
     ]
     titles = {"main": "SmolLM2-135M-Instruct, sequences of 140-440 tokens",
               "length": "Cost by sequence length (LoRA, SmolLM2-135M-Instruct)",
-              "gemma": "Gemma 3 270M (262k vocabulary), LoRA, sequences of 140-440 tokens"}
-    for group in ("main", "length", "gemma"):
+              "gemma": "Gemma 3 270M (262k vocabulary), LoRA, sequences of 140-440 tokens",
+              "gpu": f"Gemma 3 270M (262k vocabulary) on the GPU ({info.get('gpu')}), sequences of 140-440 tokens"}
+    for group in ("main", "length", "gemma", "gpu"):
         members = [c for c in cases if c.group == group]
         if not members:
             continue
+        memory = "peak GPU MiB" if group == "gpu" else "peak RSS MiB"
         lines += [f"## {titles[group]}", "",
                   "| max len | method | runner | precision | real tokens/s | vs Trainer | vs Trainer fp32 | "
-                  "peak RSS MiB | loss | loss vs Trainer | MFU | steps | measured (load avg) |",
+                  f"{memory} | loss | loss vs Trainer | MFU | steps | measured (load avg) |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for case in members:
             r = get(case)
@@ -429,7 +456,8 @@ def render(cases: list[Case], results: dict[str, dict], peak: dict, info: dict, 
             lines.append(
                 f"| {case.max_len} | {case.method} | {case.runner} | {case.precision} | {r['tokens_per_s']:.0f} | "
                 f"{ratio(r['tokens_per_s'], same.get('tokens_per_s'))} | "
-                f"{ratio(r['tokens_per_s'], fp32.get('tokens_per_s'))} | {r['peak_rss_mib']:.0f} | "
+                f"{ratio(r['tokens_per_s'], fp32.get('tokens_per_s'))} | "
+                f"{(r.get('peak_gpu_mib') or 0) if group == 'gpu' else r['peak_rss_mib']:.0f} | "
                 f"{loss:.4f} | {loss_delta} | {r['mfu'] * 100:.0f}% | {r.get('steps', case.steps)} | "
                 f"{r.get('measured', '-')} ({r.get('load', '-')}) |")
         lines.append("")
@@ -459,6 +487,8 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="only rewrite --out from its .json (no runs)")
     parser.add_argument("--repeat", type=int, default=1, help="run the cases N rounds, taking turns, and keep each one's fastest "
                         "(steadier ratios on a shared machine)")
+    parser.add_argument("--device", default="cpu", help="cpu (default), or cuda: Gemma 3 270M's rows on the GPU, "
+                        "written to bench/RESULTS_GPU.md")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -467,10 +497,11 @@ def main() -> None:
         print("RESULT " + json.dumps(result), flush=True)
         return
     steps = args.steps or (4 if args.quick else 16)
+    default_out = HERE / ("RESULTS.md" if args.device == "cpu" else "RESULTS_GPU.md")
     if args.report:
-        out = Path(args.out or HERE / "RESULTS.md")
+        out = Path(args.out or default_out)
         saved = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
-        shown = [c for c in all_cases(steps, False) if c.label in saved["results"]]
+        shown = [c for c in all_cases(steps, False, args.device) if c.label in saved["results"]]
         times = sorted(r.get("measured", "") for r in saved["results"].values())
         report = render(shown, saved["results"], saved["peak"], saved["machine"],
                         "python bench/train_throughput.py --merge --steps N --only CASES",
@@ -478,17 +509,17 @@ def main() -> None:
         out.write_text(report + "\n" + kept_notes(out), encoding="utf-8")
         print(report)
         return
-    cases = all_cases(steps, args.quick)
+    cases = all_cases(steps, args.quick, args.device)
     if args.only:
         wanted = args.only.split(",")
         cases = [c for c in cases if any(w in c.label for w in wanted)]
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     load_start = os.getloadavg()[0]
-    info = machine()
-    peak = matmul_peak()
+    info = machine(args.device)
+    peak = matmul_peak(args.device)
     print(f"{info['cpu']}, {info['cores']} cores; matmul peak fp32 {peak['fp32']:.0f} GFLOP/s, "
           f"bf16 {peak['bf16']:.0f} GFLOP/s", flush=True)
-    out = args.out or (None if (args.quick or (args.only and not args.merge)) else str(HERE / "RESULTS.md"))
+    out = args.out or (None if (args.quick or (args.only and not args.merge)) else str(default_out))
     results: dict[str, dict] = {}
     raw = Path(out).with_suffix(".json") if out else None
     if args.merge and raw is not None and raw.is_file():
@@ -513,7 +544,7 @@ def main() -> None:
             raw.write_text(json.dumps({"peak": peak, "machine": info, "results": results}, indent=1) + "\n",
                            encoding="utf-8")
     command = "python bench/train_throughput.py " + " ".join(sys.argv[1:])
-    shown = [c for c in all_cases(steps, args.quick) if c.label in results] if args.merge else cases
+    shown = [c for c in all_cases(steps, args.quick, args.device) if c.label in results] if args.merge else cases
     report = render(shown, results, peak, info, command.strip(), started, (load_start, os.getloadavg()[0]))
     print()
     print(report)

@@ -32,6 +32,7 @@ from tunesmith.infer.batching import GenerationRequest, Scheduler
 from tunesmith.infer.resolve import ModelSource, locate
 from tunesmith.infer.streaming import DeltaStreamer, cut_at_stop
 from tunesmith.infer.types import Completion, GenerationSettings
+from tunesmith.models.attention import attention_kernels
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -358,7 +359,7 @@ def _forward_pass(base: _LoadedBase, lane: str | None):
                 applied = base.lora.rows(adapters, input_ids.device)
             else:
                 applied = base.lora.peft_adapter(base.model, lane)
-            with applied:
+            with applied, attention_kernels(input_ids.device):
                 output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                cache=cache, use_cache=True, logits_to_keep=1)
         return output.logits[:, -1, :].float()

@@ -39,6 +39,8 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from tunesmith.models.attention import attention_kernels
+
 IGNORE_INDEX = -100
 VARLEN_ATTENTION = "tunesmith_varlen_sdpa"
 
@@ -152,13 +154,14 @@ def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
     # split, not slicing: the backward of a split is one cat, while each slice's backward
     # fills a zero tensor of the whole row and adds into it (3 x examples x layers passes)
     outputs = []
-    for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2)):
-        mask = _sliding_causal_mask(q.shape[2], sliding_window, q.device)
-        if mask is None and dropout == 0.0 and _reduced_precision_on_cpu(q):
-            outputs.append(_cpu_flash_attention(q, k, v, scaling))
-        else:
-            outputs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                                          is_causal=mask is None, scale=scaling))
+    with attention_kernels(query.device):  # a backward runs the kernel its forward chose
+        for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2)):
+            mask = _sliding_causal_mask(q.shape[2], sliding_window, q.device)
+            if mask is None and dropout == 0.0 and _reduced_precision_on_cpu(q):
+                outputs.append(_cpu_flash_attention(q, k, v, scaling))
+            else:
+                outputs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                                              is_causal=mask is None, scale=scaling))
     output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
     return output.transpose(1, 2).contiguous(), None
 
