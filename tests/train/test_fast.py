@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -178,6 +180,44 @@ def test_linear_cross_entropy_under_bf16_autocast_stays_close():
         total, _ = fast.linear_cross_entropy(hidden, weight, targets)
     assert total.dtype == torch.float32
     assert total.item() == pytest.approx(exact.item(), rel=2e-2)
+
+
+def test_linear_cross_entropy_gradients_under_bf16_autocast_stay_close():
+    torch.manual_seed(0)
+    hidden = torch.randn(40, 32, requires_grad=True)
+    weight = (torch.randn(300, 32) * 0.2).requires_grad_()
+    targets = torch.randint(0, 300, (40,))
+    F.cross_entropy(hidden @ weight.T, targets, reduction="sum").backward()
+    exact = (hidden.grad.clone(), weight.grad.clone())
+    hidden.grad = weight.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total, _ = fast.linear_cross_entropy(hidden, weight, targets, chunk_rows=16)
+    total.backward()
+    for got, want in zip((hidden.grad, weight.grad), exact):
+        assert got.dtype == torch.float32
+        assert (got - want).norm() / want.norm() < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_cross_entropy_with_reused_buffers_equals_fresh_ones(dtype):
+    torch.manual_seed(0)
+    weight = torch.randn(300, 32, requires_grad=True)
+    results = {}
+    for reuse in (False, True):
+        context = fast.reused_loss_buffers() if reuse else contextlib.nullcontext()
+        with context, torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            for rows in (40, 9, 40):  # buffers shrink to a view, then grow back
+                generator = torch.Generator().manual_seed(rows)
+                hidden = torch.randn(rows, 32, generator=generator, requires_grad=True)
+                targets = torch.randint(0, 300, (rows,), generator=generator)
+                weight.grad = None
+                total, correct = fast.linear_cross_entropy(hidden, weight, targets, chunk_rows=16)
+                total.backward()
+                results.setdefault(reuse, []).append((total.detach(), correct, hidden.grad, weight.grad))
+    for fresh, reused in zip(results[False], results[True]):
+        assert fresh[1] == reused[1]
+        for a, b in zip(fresh[:1] + fresh[2:], reused[:1] + reused[2:]):
+            assert torch.equal(a, b)
 
 
 def test_batch_without_labels_gives_zero_loss_with_a_graph():

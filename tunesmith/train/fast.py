@@ -690,8 +690,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
     The gradients are computed during the forward pass, chunk by chunk, so the
     ``[rows, vocab]`` logits and their softmax never exist whole (Liger's fused
     linear cross-entropy, written with plain torch ops); the backward only scales
-    them. The softmax reuses the logits' buffer: on a CPU these ``rows x vocab``
-    passes are memory-bound, so each one saved shows.
+    them. On a CPU the ``rows x vocab`` passes are memory-bound, so there are as
+    few as can be: the softmax is made in the logits' buffer, the maximum and its
+    index come from one pass, and the softmax's row sums and the one-hot of the
+    targets are folded into the products (``(E/s - 1_y) W = (E W)/s - W_y``)
+    instead of two more passes. Inside :func:`reused_loss_buffers` the buffers
+    are reused from chunk to chunk and step to step: a fresh 100 MB tensor costs
+    the kernel a page fault per 4 KB on first touch (about 100 ms a step here).
     """
 
     @staticmethod
@@ -703,30 +708,32 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         correct = torch.zeros((), dtype=torch.long, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_rows):
-            h = hidden[start:start + chunk_rows].to(compute_dtype)
-            y = targets[start:start + chunk_rows, None]
-            logits = (h @ weight_c.T).float()
+            rows = slice(start, start + chunk_rows)
+            h = hidden[rows].to(compute_dtype)
+            y = targets[rows, None]
+            logits = _chunk_logits(h, weight_c)
             if softcap is not None:
                 capped = torch.tanh(logits / softcap)
                 logits = capped * softcap
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            total += (lse - logits.gather(1, y)).sum()
-            correct += (logits.argmax(dim=-1, keepdim=True) == y).sum()
+            picked = logits.gather(1, y)
+            top, best = logits.max(dim=-1, keepdim=True)
+            correct += (best == y).sum()
+            exps = logits.sub_(top).exp_()  # the softmax's numerators, in place
+            sums = exps.sum(dim=-1, keepdim=True)
+            total += (sums.log() + top - picked).sum()
             if not (need_hidden or need_weight):
                 continue
-            grad_logits = logits.sub_(lse).exp_()  # softmax, in place; d(sum CE)/d logits = softmax - onehot
-            grad_logits.scatter_add_(1, y, torch.full_like(y, -1.0, dtype=grad_logits.dtype))
-            if softcap is not None:
+            if softcap is not None:  # d/d logits = (softmax - onehot) * tanh's derivative: no folding
+                grad_logits = exps.div_(sums)
+                grad_logits.scatter_add_(1, y, torch.full_like(y, -1.0, dtype=grad_logits.dtype))
                 grad_logits *= 1.0 - capped * capped
-            grad_logits = grad_logits.to(compute_dtype)
+                grad_logits, inverse = grad_logits.to(compute_dtype), None
+            else:
+                grad_logits, inverse = _in_compute_dtype(exps, compute_dtype), sums.reciprocal()
             if need_hidden:
-                grad_hidden[start:start + chunk_rows] = grad_logits @ weight_c
-            if need_weight and grad_weight is None:  # the first chunk's product is the buffer: no zero fill
-                grad_weight = (grad_logits.T @ h).float()
-            elif need_weight and compute_dtype == torch.float32:
-                grad_weight.addmm_(grad_logits.T, h)
-            elif need_weight:
-                grad_weight += grad_logits.T @ h
+                grad_hidden[rows] = _grad_of_hidden(grad_logits, inverse, weight, weight_c, y)
+            if need_weight:
+                grad_weight = _add_grad_of_weight(grad_weight, grad_logits, inverse, hidden[rows], h, y)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         ctx.mark_non_differentiable(correct)
@@ -744,6 +751,85 @@ class _LinearCrossEntropy(torch.autograd.Function):
         gh = None if grad_hidden is None else grad_hidden.mul_(grad_total).to(hidden_dtype)
         gw = None if grad_weight is None else grad_weight.mul_(grad_total).to(weight_dtype)
         return gh, gw, None, None, None, None
+
+
+def _chunk_logits(h: torch.Tensor, weight_c: torch.Tensor) -> torch.Tensor:
+    """``h @ weight_c.T`` in fp32, in reusable buffers (the product runs in ``h``'s dtype)."""
+    shape = (h.shape[0], weight_c.shape[0])
+    if h.dtype == torch.float32:
+        return torch.mm(h, weight_c.T, out=_scratch("logits", shape, torch.float32, h.device))
+    product = torch.mm(h, weight_c.T, out=_scratch("logits_c", shape, h.dtype, h.device))
+    return _scratch("logits", shape, torch.float32, h.device).copy_(product)
+
+
+def _in_compute_dtype(exps: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The softmax numerators as the products' operand: themselves in fp32, a reused copy otherwise."""
+    if exps.dtype == dtype:
+        return exps
+    return _scratch("logits_c", exps.shape, dtype, exps.device).copy_(exps)
+
+
+def _grad_of_hidden(grad_logits, inverse, weight, weight_c, y) -> torch.Tensor:
+    """d loss / d hidden for a chunk: ``grad_logits @ W``; with ``inverse``, ``(E @ W) / s - W_y`` (fp32)."""
+    product = (grad_logits @ weight_c).float()
+    if inverse is None:
+        return product
+    return product.mul_(inverse).sub_(weight.index_select(0, y[:, 0]).float())
+
+
+def _add_grad_of_weight(grad_weight, grad_logits, inverse, hidden, h, y) -> torch.Tensor:
+    """Adds a chunk's d loss / d weight: ``grad_logits.T @ h``; with ``inverse``, ``E.T @ (h / s) - onehot.T @ h``.
+
+    The first chunk's product is the buffer (no zero fill of vocab x d).
+    """
+    if inverse is not None:
+        h = (hidden.float() * inverse).to(h.dtype)
+    if grad_weight is None:
+        grad_weight = (grad_logits.T @ h).float()
+    elif h.dtype == torch.float32:
+        grad_weight.addmm_(grad_logits.T, h)
+    else:
+        grad_weight += grad_logits.T @ h
+    if inverse is not None:
+        grad_weight.index_add_(0, y[:, 0], hidden.float(), alpha=-1.0)
+    return grad_weight
+
+
+class _Buffers:
+    """Flat buffers handed out as views of the asked shape, grown when too small."""
+
+    def __init__(self):
+        self.flat: dict[tuple, torch.Tensor] = {}
+
+    def view(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+        numel = shape[0] * shape[1]
+        key = (name, dtype, str(device))
+        flat = self.flat.get(key)
+        if flat is None or flat.numel() < numel:
+            flat = self.flat[key] = torch.empty(numel, dtype=dtype, device=device)
+        return flat[:numel].view(shape)
+
+
+_LOSS_BUFFERS = threading.local()
+
+
+@contextlib.contextmanager
+def reused_loss_buffers() -> Iterator[None]:
+    """While the block runs, :func:`linear_cross_entropy` reuses its ``rows x vocab`` buffers (this thread's)."""
+    previous = getattr(_LOSS_BUFFERS, "current", None)
+    _LOSS_BUFFERS.current = _Buffers()
+    try:
+        yield
+    finally:
+        _LOSS_BUFFERS.current = previous
+
+
+def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """A buffer for a temporary of the loss: reused inside :func:`reused_loss_buffers`, fresh outside."""
+    buffers = getattr(_LOSS_BUFFERS, "current", None)
+    if buffers is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return buffers.view(name, shape, dtype, device)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,

@@ -177,7 +177,9 @@ class _Session:
                                           tokenizer)
         load_seconds = time.perf_counter() - started
         # 8. The loop.
-        stopped = self.fit(model, optimizer, scheduler, training, resolved, progress, metrics, device, trainable)
+        with fast.reused_loss_buffers():  # the output layer's rows x vocab temporaries, kept across steps
+            stopped = self.fit(model, optimizer, scheduler, training, resolved, progress, metrics, device,
+                               trainable)
         if stopped is not None:
             return self.interrupted(stopped, progress, metrics, resolved)
         # 9. The final model, then the manifest that says it is one.
