@@ -39,8 +39,6 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from tunesmith.models.attention import attention_kernels
-
 IGNORE_INDEX = -100
 VARLEN_ATTENTION = "tunesmith_varlen_sdpa"
 
@@ -154,14 +152,13 @@ def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
     # split, not slicing: the backward of a split is one cat, while each slice's backward
     # fills a zero tensor of the whole row and adds into it (3 x examples x layers passes)
     outputs = []
-    with attention_kernels(query.device):  # a backward runs the kernel its forward chose
-        for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2)):
-            mask = _sliding_causal_mask(q.shape[2], sliding_window, q.device)
-            if mask is None and dropout == 0.0 and _reduced_precision_on_cpu(q):
-                outputs.append(_cpu_flash_attention(q, k, v, scaling))
-            else:
-                outputs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                                              is_causal=mask is None, scale=scaling))
+    for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2)):
+        mask = _sliding_causal_mask(q.shape[2], sliding_window, q.device)
+        if mask is None and dropout == 0.0 and _reduced_precision_on_cpu(q):
+            outputs.append(_cpu_flash_attention(q, k, v, scaling))
+        else:
+            outputs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                                          is_causal=mask is None, scale=scaling))
     output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
     return output.transpose(1, 2).contiguous(), None
 
@@ -783,7 +780,8 @@ def _add_grad_of_weight(grad_weight, grad_logits, inverse, hidden, h, y) -> torc
     The first chunk's product is the buffer (no zero fill of vocab x d).
     """
     if inverse is not None:
-        h = (hidden.float() * inverse).to(h.dtype)
+        hidden = hidden.float()
+        h = (hidden * inverse).to(h.dtype)
     if grad_weight is None:
         grad_weight = (grad_logits.T @ h).float()
     elif h.dtype == torch.float32:
@@ -791,7 +789,7 @@ def _add_grad_of_weight(grad_weight, grad_logits, inverse, hidden, h, y) -> torc
     else:
         grad_weight += grad_logits.T @ h
     if inverse is not None:
-        grad_weight.index_add_(0, y[:, 0], hidden.float(), alpha=-1.0)
+        grad_weight.index_add_(0, y[:, 0], hidden, alpha=-1.0)
     return grad_weight
 
 

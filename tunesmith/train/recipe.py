@@ -27,6 +27,7 @@ from tunesmith import settings
 from tunesmith.atomic import atomic_dir, write_json
 from tunesmith.errors import ConfigError, DataError, NotFoundError, TunesmithError
 from tunesmith.models.export import is_disk_full
+from tunesmith.models.attention import attention_kernels
 from tunesmith.models.loading import apply_chat_template_and_eos, load_causal_lm, load_tokenizer, pick_device
 from tunesmith.train import batches as data
 from tunesmith.train import checkpoint as ckpt
@@ -409,9 +410,10 @@ def token_loss(model, batch) -> tuple[torch.Tensor, int]:
     A packed batch takes the fast path; a padded :class:`data.Batch` the plain one,
     where only positions with a label are projected through the loss.
     """
-    if isinstance(batch, fast.PackedBatch):
-        return fast.packed_token_loss(model, batch)
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    with attention_kernels(batch.input_ids.device):  # a backward runs the kernels its forward chose
+        if isinstance(batch, fast.PackedBatch):
+            return fast.packed_token_loss(model, batch)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
     labels = batch.labels[:, 1:]
     mask = labels != data.IGNORE_INDEX
     selected = logits[:, :-1][mask].float()
