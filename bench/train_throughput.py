@@ -496,6 +496,11 @@ def main() -> None:
         result = run_child(Case(**json.loads(args.child)))
         print("RESULT " + json.dumps(result), flush=True)
         return
+    if args.device != "cpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--device {args.device}: no CUDA GPU is available here; leave --device out to run on the CPU")
     steps = args.steps or (4 if args.quick else 16)
     default_out = HERE / ("RESULTS.md" if args.device == "cpu" else "RESULTS_GPU.md")
     if args.report:
