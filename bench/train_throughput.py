@@ -496,11 +496,6 @@ def main() -> None:
         result = run_child(Case(**json.loads(args.child)))
         print("RESULT " + json.dumps(result), flush=True)
         return
-    if args.device != "cpu":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise SystemExit(f"--device {args.device}: no CUDA GPU is available here; leave --device out to run on the CPU")
     steps = args.steps or (4 if args.quick else 16)
     default_out = HERE / ("RESULTS.md" if args.device == "cpu" else "RESULTS_GPU.md")
     if args.report:
@@ -514,6 +509,11 @@ def main() -> None:
         out.write_text(report + "\n" + kept_notes(out), encoding="utf-8")
         print(report)
         return
+    if args.device != "cpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--device {args.device}: no CUDA GPU is available here; leave --device out to run on the CPU")
     cases = all_cases(steps, args.quick, args.device)
     if args.only:
         wanted = args.only.split(",")

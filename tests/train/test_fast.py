@@ -37,8 +37,8 @@ def _padded_loss(model, examples, pad_id: int = 0) -> torch.Tensor:
     return model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
 
 
-def _packed_loss(model, examples) -> torch.Tensor:
-    batch = fast.pack_examples(examples)
+def _packed_loss(model, examples, multiple_of: int = 1) -> torch.Tensor:
+    batch = fast.pack_examples(examples, multiple_of)
     with fast.packed_attention(model):
         total, _correct = fast.packed_token_loss(model, batch, chunk_rows=7)
     return total / batch.labelled
@@ -71,6 +71,40 @@ def test_pack_shifts_targets_inside_each_example():
     assert batch.targets.tolist() == [[6, 7, -100, 9, -100]]
     assert batch.cu_seqlens.tolist() == [0, 3, 5]
     assert (batch.tokens, batch.labelled, batch.max_seqlen) == (5, 3, 3)
+
+
+def test_a_row_rounded_up_gets_a_filler_example_without_labels():
+    batch = fast.pack_examples([([5, 6, 7], [-100, 6, 7]), ([8, 9], [-100, 9])], multiple_of=4)
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9, 0, 0, 0]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
+    assert batch.targets.tolist() == [[6, 7, -100, 9, -100, -100, -100, -100]]
+    assert batch.cu_seqlens.tolist() == [0, 3, 5, 8]  # the filler attends only to itself
+    assert (batch.tokens, batch.labelled, batch.max_seqlen) == (5, 3, 3)
+    exact = fast.pack_examples([([5, 6, 7, 8], [-100, 6, 7, 8])], multiple_of=4)
+    assert exact.input_ids.shape == (1, 4) and exact.cu_seqlens.tolist() == [0, 4]
+    assert fast.row_multiple(CPU) == 1 and fast.row_multiple(torch.device("cuda")) == 64
+
+
+def test_the_filler_leaves_the_loss_and_gradients_unchanged(tiny_model_path):
+    model = load_causal_lm(tiny_model_path, device=CPU, dtype=torch.float32).train()
+    examples = _examples([23, 9, 31], model.config.vocab_size)
+    exact = _packed_loss(model, examples)
+    exact.backward()
+    exact_grads = _grads(model)
+    rounded = _packed_loss(model, examples, multiple_of=64)
+    rounded.backward()
+    rounded_grads = _grads(model)
+    assert rounded.item() == pytest.approx(exact.item(), rel=1e-6)
+    assert rounded_grads.keys() == exact_grads.keys() and exact_grads
+    for name, grad in exact_grads.items():
+        torch.testing.assert_close(rounded_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_moving_a_packed_batch_keeps_its_boundaries_on_the_host():
+    batch = fast.pack_examples([([5, 6, 7], [-100, 6, 7]), ([8, 9], [-100, 9])]).to("meta")
+    assert batch.input_ids.device.type == batch.position_ids.device.type == batch.targets.device.type == "meta"
+    # attention reads them as ints in every layer: a device copy would be a GPU sync per layer
+    assert batch.cu_seqlens.device.type == "cpu" and batch.cu_seqlens.tolist() == [0, 3, 5]
 
 
 def test_pack_batches_keeps_the_order_and_batch_size():

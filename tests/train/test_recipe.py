@@ -165,6 +165,16 @@ def test_precision_auto_follows_the_hardware():
     assert resolve_precision("fp32", CPU) == "fp32" and resolve_precision("bf16", CPU) == "bf16"
 
 
+def test_the_base_is_loaded_in_bf16_only_for_a_bf16_adapter_run_on_a_gpu():
+    from tunesmith.train.methods import get_method
+
+    cuda = torch.device("cuda")
+    assert get_method("lora").load_dtype(cuda, "bf16") == torch.bfloat16
+    assert get_method("lora").load_dtype(cuda, "fp32") == torch.float32  # fp32 asked: fp32 computed
+    assert get_method("lora").load_dtype(CPU, "bf16") == torch.float32  # autocast casts, the copies are kept
+    assert get_method("full").load_dtype(cuda, "bf16") == torch.float32  # master weights stay fp32
+
+
 def test_bf16_run_learns_and_resumes_exactly(trained, tmp_path):
     config, fp32, _ = trained("lora")
     config = replace(config, precision="bf16", out=str(tmp_path / "bf16"))

@@ -65,17 +65,24 @@ class PackedBatch:
     labelled: int
 
     def to(self, device: torch.device | str) -> "PackedBatch":
-        """The same batch with its tensors on ``device``."""
+        """The same batch with its tensors on ``device``, but for ``cu_seqlens``, which stays on the host.
+
+        Attention reads the boundaries as Python ints in every layer: on a GPU a
+        device copy would make each read a synchronisation, stalling the CPU that
+        queues the kernels (the step is launch-bound at these model sizes).
+        """
         return PackedBatch(self.input_ids.to(device), self.position_ids.to(device), self.targets.to(device),
-                           self.cu_seqlens.to(device), self.max_seqlen, self.tokens, self.labelled)
+                           self.cu_seqlens, self.max_seqlen, self.tokens, self.labelled)
 
 
-def pack_examples(examples: Sequence) -> PackedBatch:
+def pack_examples(examples: Sequence, multiple_of: int = 1) -> PackedBatch:
     """Pack examples (objects with ``input_ids`` and ``labels``, or such pairs) into one row.
 
     Labels follow the transformers convention: unshifted, ``-100`` where no loss
     is taken. The shift happens here, inside each example, so no example
-    predicts the first token of the next.
+    predicts the first token of the next. With ``multiple_of`` > 1 the row is
+    rounded up to that multiple by a filler example of token 0 without labels
+    (:func:`row_multiple`); it attends only to itself and ``tokens`` leaves it out.
 
     Raises:
         ValueError: no examples, an empty example, or labels of another length.
@@ -96,6 +103,13 @@ def pack_examples(examples: Sequence) -> PackedBatch:
         targets.extend(labels[1:])
         targets.append(IGNORE_INDEX)  # the last token of an example predicts nothing
         bounds.append(bounds[-1] + n)
+    real = len(ids)
+    filler = -real % multiple_of
+    if filler:
+        ids.extend([0] * filler)
+        positions.extend(range(filler))
+        targets.extend([IGNORE_INDEX] * filler)
+        bounds.append(bounds[-1] + filler)
     target_tensor = torch.tensor([targets], dtype=torch.long)
     return PackedBatch(
         input_ids=torch.tensor([ids], dtype=torch.long),
@@ -103,19 +117,35 @@ def pack_examples(examples: Sequence) -> PackedBatch:
         targets=target_tensor,
         cu_seqlens=torch.tensor(bounds, dtype=torch.int32),
         max_seqlen=max(b - a for a, b in zip(bounds, bounds[1:])),
-        tokens=len(ids),
+        tokens=real,
         labelled=int((target_tensor != IGNORE_INDEX).sum()),
     )
 
 
-def pack_batches(samples: Sequence, order: Sequence[int], batch_size: int) -> list[PackedBatch]:
+def pack_batches(samples: Sequence, order: Sequence[int], batch_size: int,
+                 multiple_of: int = 1) -> list[PackedBatch]:
     """Group ``samples`` in ``order`` into packed batches of ``batch_size`` examples (the last may be smaller).
 
     The same examples make each step as in padded batching, so the gradient is
-    the padded path's; nothing is padded.
+    the padded path's; nothing is padded but the filler ``multiple_of`` asks for.
     """
-    return [pack_examples([samples[i] for i in order[start:start + batch_size]])
+    return [pack_examples([samples[i] for i in order[start:start + batch_size]], multiple_of)
             for start in range(0, len(order), batch_size)]
+
+
+def row_multiple(device: torch.device) -> int:
+    """The multiple a packed row's length is rounded up to on ``device``: 64 on a GPU, 1 (none) elsewhere.
+
+    On a GPU the step is launch-bound at these model sizes, and cuBLAS chooses its
+    kernel afresh for every matrix shape it has not met: a bf16 matmul with a new
+    row count cost 233 us of CPU time against 16 us for a shape seen before
+    (H200, bench/RESULTS_GPU.md). A packed row has a new length nearly every step,
+    and about 47 matmuls a layer take it as their row count. Rounded up to a
+    multiple of 64, a run meets a few dozen lengths, each once; the filler is
+    at most 63 tokens of compute the GPU has to spare. On a CPU it would only
+    add compute, so the row stays exact.
+    """
+    return 64 if device.type == "cuda" else 1
 
 
 # --------------------------------------------------------------------------- attention

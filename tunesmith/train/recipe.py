@@ -160,7 +160,7 @@ class _Session:
         # 4. Model, made trainable the method's way; the seed fixes adapter init and dropout.
         device = pick_device(config.device)
         _seed_everything(config.seed)
-        model = _load_model(source, method, device)
+        model = _load_model(source, method, device, resolve_precision(config.precision, device))
         model = method.prepare(model, config, continue_adapter=source.continue_adapter)
         # 5. "auto" → numbers, printed and saved.
         resolved = resolve_hyperparameters(config, method, model, training, device, source,
@@ -233,8 +233,8 @@ class _Session:
                 raise TunesmithError("the checkpoint's data order does not match the training data",
                                      "the training file changed since the run started; start a new run")
             progress.epoch, progress.data_order = epoch, order
-            groups = data.group(fast.pack_batches(training.train, order, resolved["batch_size"]),
-                                config.gradient_accumulation_steps)
+            batches = fast.pack_batches(training.train, order, resolved["batch_size"], fast.row_multiple(device))
+            groups = data.group(batches, config.gradient_accumulation_steps)
             for index in range(progress.group_in_epoch, len(groups)):
                 stats = train_step(model, groups[index], optimizer, scheduler, trainable,
                                    config.max_grad_norm, device, autocast)
@@ -457,7 +457,7 @@ def evaluate(model, samples: list[data.Sample], batch_size: int, device: torch.d
     was_training = model.training
     model.eval()
     loss_sum, correct, labelled = 0.0, 0, 0
-    for batch in fast.pack_batches(samples, list(range(len(samples))), batch_size):
+    for batch in fast.pack_batches(samples, list(range(len(samples))), batch_size, fast.row_multiple(device)):
         batch = batch.to(device)
         with autocast():
             loss, right = token_loss(model, batch)
@@ -513,8 +513,8 @@ def resolve_hyperparameters(config: TrainConfig, method, model, training: data.T
     return resolved
 
 
-def _load_model(source: ModelSource, method, device: torch.device):
-    model = load_causal_lm(source.base_path, device=device, dtype=method.load_dtype(device))
+def _load_model(source: ModelSource, method, device: torch.device, precision: str):
+    model = load_causal_lm(source.base_path, device=device, dtype=method.load_dtype(device, precision))
     if source.merge_adapter is not None:
         from peft import PeftModel
 

@@ -31,8 +31,8 @@ class Method(Protocol):
     is_adapter: bool
     base_learning_rate: float
 
-    def load_dtype(self, device: torch.device) -> torch.dtype:
-        """The dtype the base weights are loaded in on ``device``."""
+    def load_dtype(self, device: torch.device, precision: str) -> torch.dtype:
+        """The dtype the base weights are loaded in on ``device`` for a run in ``precision`` (fp32 or bf16)."""
 
     def settings(self, config: "TrainConfig", continue_adapter: Path | None) -> dict:
         """The method's resolved settings (recorded in the manifest).

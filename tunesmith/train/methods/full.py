@@ -18,7 +18,7 @@ class FullFineTuning:
     # A small model moves far with little: 2e-5 is the usual full fine-tuning rate near 100M.
     base_learning_rate = 2e-5
 
-    def load_dtype(self, device: torch.device) -> torch.dtype:
+    def load_dtype(self, device: torch.device, precision: str) -> torch.dtype:
         # fp32 master weights: bf16 weights lose most AdamW updates (they are below bf16's
         # resolution); compute still runs in bf16 under autocast on GPUs that support it.
         return torch.float32

@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 
 from tunesmith.errors import ConfigError, TunesmithError
-from tunesmith.models.loading import default_dtype
 from tunesmith.train.methods import register
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -32,9 +31,10 @@ class LoraFamily:
         self.name = name
         self.use_dora = use_dora
 
-    def load_dtype(self, device: torch.device) -> torch.dtype:
-        # The frozen base may be bf16 on a GPU; peft keeps the adapter weights in fp32.
-        return default_dtype(device)
+    def load_dtype(self, device: torch.device, precision: str) -> torch.dtype:
+        # A bf16 run on a GPU keeps the frozen base in bf16 (half the memory, no casts);
+        # peft keeps the adapter weights in fp32. An fp32 run computes in fp32 everywhere.
+        return torch.bfloat16 if precision == "bf16" and device.type == "cuda" else torch.float32
 
     def settings(self, config, continue_adapter: Path | None) -> dict:
         if continue_adapter is None:
