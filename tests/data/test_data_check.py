@@ -18,7 +18,7 @@ from tunesmith.data import (
     load_examples,
     pack_examples,
 )
-from tunesmith.data.stats import LengthHistogram
+from tunesmith.data.stats import LengthHistogram, estimate_training_seconds
 from tunesmith.errors import NotFoundError, TunesmithError
 
 
@@ -40,6 +40,14 @@ def test_a_good_file_gets_exact_statistics(write, tiny_model_path, smollm2_token
     assert stats.billed_tokens == 7 * sum(lengths)
     assert stats.estimated_seconds["full"] > stats.estimated_seconds["lora"] > 0
     assert json.loads(json.dumps(report.to_dict()))["stats"]["examples"] == 15
+
+
+def test_the_time_estimate_follows_the_method_and_the_precision_the_trainer_picks():
+    fp32 = estimate_training_seconds(135_000_000, 1_000_000, 400e9, "cpu", "fp32")
+    bf16 = estimate_training_seconds(135_000_000, 1_000_000, 400e9, "cpu", "bf16")
+    # LoRA: 4 FLOPs per token and parameter at 45% of a 400 GFLOP/s matmul
+    assert fp32["lora"] == pytest.approx(4 * 135e6 * 1e6 / (400e9 * 0.45), rel=1e-3)
+    assert fp32["full"] > fp32["lora"] and bf16["lora"] < fp32["lora"] and bf16["full"] < fp32["full"]
 
 
 def test_warnings_name_their_lines(write, tiny_model_path):

@@ -158,7 +158,7 @@ def test_resume_keeps_the_runs_automatic_batch_size(tiny_model_path, tmp_path, m
 
 
 def test_precision_auto_follows_the_hardware():
-    from tunesmith.train.fast import cpu_has_fast_bf16
+    from tunesmith.models.loading import cpu_has_fast_bf16
     from tunesmith.train.recipe import resolve_precision
 
     assert resolve_precision("auto", CPU) == ("bf16" if cpu_has_fast_bf16() else "fp32")

@@ -347,9 +347,12 @@ def _stats(observer: _Observer, parameters: int | None) -> DataStats | None:
     billed = observer.kept_tokens * epochs
     import torch
 
+    from tunesmith.models.loading import cpu_has_fast_bf16
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = "bf16" if device == "cuda" or cpu_has_fast_bf16() else "fp32"  # the trainer's "auto"
     flops, device_name = measure_matmul_flops(device)
-    seconds = estimate_training_seconds(parameters, billed, flops, device) if parameters else {}
+    seconds = estimate_training_seconds(parameters, billed, flops, device, precision) if parameters else {}
     return DataStats(
         examples=lengths.n, tokens_min=min(lengths.counts), tokens_median=lengths.quantile(0.5),
         tokens_p95=lengths.quantile(0.95), tokens_max=max(lengths.counts), total_tokens=observer.kept_tokens,

@@ -19,12 +19,16 @@ MAX_TARGET_EXAMPLES = 25_000  # large sets get fewer epochs (at least 1), so ~25
 # Training cost per token, in multiples of the parameter count: forward 2N, backward 4N for full
 # fine-tuning; LoRA skips the weight gradients of the frozen base (backward ~2N).
 FLOPS_PER_TOKEN_PER_PARAM = {"full": 6.0, "lora": 4.0}
-# The share of a plain matrix multiply's speed that a small model's training step reaches: norms,
-# activations, the softmax over a large vocabulary, the optimizer and Python overhead eat the rest.
-# CPU: measured with smollm2-135m (fp32, 4x256-token batches, full and LoRA) against a 1024x1024
-# fp32 matmul on the same machine: 0.10-0.34 of the matmul speed, 0.15 typical. GPU: small models
-# reach about a third of bf16 matmul speed (an assumption, not a measurement on this project's runs).
-TRAINING_EFFICIENCY = {"cpu": 0.15, "cuda": 0.3}
+# The share of :func:`measure_matmul_flops`'s speed (fp32 on a CPU, bf16 on a GPU) that a training
+# step reaches, in the units above (every trained token, as billed), per device and the precision
+# the trainer picks there. CPU: bench/train_throughput.py with SmolLM2-135M (batches of 4 chats of
+# 140-440 tokens) on a 2-core Xeon whose fp32 matmul runs at 396-429 GFLOP/s: LoRA fp32 0.54-0.58,
+# full fp32 0.55-0.60; bf16 autocast (AMX) LoRA 0.86-0.92, full 0.78 of the fp32 speed; rounded
+# down for machines that do worse.
+# GPU: large models reach about a third of bf16 matmul speed; small ones far less (the step is
+# launch-bound: 0.8% for Gemma 3 270M on an H200, bench/RESULTS_GPU.md), so a small model's GPU
+# estimate is a lower bound.
+TRAINING_EFFICIENCY = {("cpu", "fp32"): 0.45, ("cpu", "bf16"): 0.65, ("cuda", "fp32"): 0.3, ("cuda", "bf16"): 0.3}
 
 
 def auto_epochs(n_examples: int) -> int:
@@ -94,7 +98,7 @@ class DataStats:
 def measure_matmul_flops(device: str | None = None) -> tuple[float, str]:
     """This machine's speed at a float32 (CPU) or bfloat16 (GPU) matrix multiply, in FLOP/s.
 
-    Takes a few hundredths of a second; the result is cached per device.
+    Takes about a tenth of a second; the result is cached per device.
 
     Returns:
         (FLOP/s, a description of the device).
@@ -104,7 +108,7 @@ def measure_matmul_flops(device: str | None = None) -> tuple[float, str]:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device in _FLOPS_CACHE:
         return _FLOPS_CACHE[device]
-    size = 1024 if device == "cpu" else 4096
+    size = 1536 if device == "cpu" else 4096  # 1024 on a CPU measures threading overhead: half the speed
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
@@ -126,15 +130,17 @@ def measure_matmul_flops(device: str | None = None) -> tuple[float, str]:
 _FLOPS_CACHE: dict[str, tuple[float, str]] = {}
 
 
-def estimate_training_seconds(parameters: int, tokens: int, flops: float, device: str = "cpu") -> dict[str, float]:
+def estimate_training_seconds(parameters: int, tokens: int, flops: float, device: str = "cpu",
+                              precision: str = "fp32") -> dict[str, float]:
     """Seconds to train ``tokens`` tokens through a model of ``parameters``, per method.
 
     Args:
         parameters: the model's parameter count.
         tokens: tokens trained, all epochs together.
         flops: the device's matmul speed (:func:`measure_matmul_flops`).
-        device: ``"cpu"`` or ``"cuda"`` (picks the efficiency factor).
+        device: ``"cpu"`` or ``"cuda"``; with ``precision`` (``"fp32"`` or ``"bf16"``, the one the
+            trainer's ``auto`` picks there) it chooses the efficiency factor.
     """
-    efficiency = TRAINING_EFFICIENCY["cpu" if device == "cpu" else "cuda"]
+    efficiency = TRAINING_EFFICIENCY[("cpu" if device == "cpu" else "cuda", precision)]
     return {method: round(factor * parameters * tokens / (flops * efficiency), 1)
             for method, factor in FLOPS_PER_TOKEN_PER_PARAM.items()}

@@ -18,6 +18,14 @@ from tunesmith.models.templates import end_of_turn_token, template_for_tokens
 MODEL_TEMPLATE = "model"
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AMX or AVX512-BF16)."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    except AttributeError:  # a torch without these probes: assume not
+        return False
+
+
 def pick_device(requested: str | None = None) -> torch.device:
     """``requested`` if given, else CUDA when present, else the CPU."""
     if requested:

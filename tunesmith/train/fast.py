@@ -21,7 +21,7 @@ rotary embedding run hand-written backwards (:func:`fused_rms_norm`,
 
 The recipe calls two functions: :func:`pack_batches` where it would pad, and
 :func:`packed_token_loss` where it would run the model and the loss. bf16 autocast
-pays on CPUs with AMX or AVX512-BF16 (:func:`cpu_has_fast_bf16`). Each piece gives
+pays on CPUs with AMX or AVX512-BF16 (``models.loading.cpu_has_fast_bf16``). Each piece gives
 the plain padded path's loss and gradients (tests/train/test_fast.py); the
 measurements that chose them are in bench/RESULTS.md.
 """
@@ -913,14 +913,3 @@ def packed_token_loss(model, batch: PackedBatch, *, chunk_rows: int | None = Non
     softcap = getattr(getattr(config, "text_config", config), "final_logit_softcapping", None)
     return linear_cross_entropy(hidden[0].index_select(0, rows), head.weight, batch.targets[0, rows],
                                 chunk_rows=chunk_rows, softcap=softcap)
-
-
-# --------------------------------------------------------------------------- precision
-
-
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices natively (AMX or AVX512-BF16)."""
-    try:
-        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
-    except AttributeError:  # a torch without these probes: assume not
-        return False

@@ -28,7 +28,8 @@ from tunesmith.atomic import atomic_dir, write_json
 from tunesmith.errors import ConfigError, DataError, NotFoundError, TunesmithError
 from tunesmith.models.export import is_disk_full
 from tunesmith.models.attention import attention_kernels
-from tunesmith.models.loading import apply_chat_template_and_eos, load_causal_lm, load_tokenizer, pick_device
+from tunesmith.models.loading import (apply_chat_template_and_eos, cpu_has_fast_bf16, load_causal_lm, load_tokenizer,
+                                      pick_device)
 from tunesmith.train import batches as data
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import fast
@@ -553,7 +554,7 @@ def resolve_precision(asked: str, device: torch.device) -> str:
         return asked
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if device.type == "cpu" and fast.cpu_has_fast_bf16() else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_has_fast_bf16() else "fp32"
 
 
 def autocast_for(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
