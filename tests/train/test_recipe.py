@@ -190,6 +190,13 @@ def test_bf16_run_learns_and_resumes_exactly(trained, tmp_path):
     train(replace(config, out=str(out)), resume=True)
     resumed = [r["train_loss"] for r in read_metrics(out / "metrics.csv")]
     assert resumed == pytest.approx(losses, abs=1e-5)
+    # a resumed run loads its base for the precision it keeps, whatever is asked now
+    from tunesmith.train.methods import get_method
+    from tunesmith.train.recipe import _Session
+
+    asked_fp32 = _Session(config=replace(config, precision="fp32", out=str(out)), method=get_method("lora"),
+                          run_dir=out, emit=lambda event: None, should_stop=None)
+    assert asked_fp32.run_precision(True, CPU) == "bf16" and asked_fp32.run_precision(False, CPU) == "fp32"
 
 
 def _stop_at(step: int):

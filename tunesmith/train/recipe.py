@@ -161,7 +161,7 @@ class _Session:
         # 4. Model, made trainable the method's way; the seed fixes adapter init and dropout.
         device = pick_device(config.device)
         _seed_everything(config.seed)
-        model = _load_model(source, method, device, resolve_precision(config.precision, device))
+        model = _load_model(source, method, device, self.run_precision(resume, device))
         model = method.prepare(model, config, continue_adapter=source.continue_adapter)
         # 5. "auto" → numbers, printed and saved.
         resolved = resolve_hyperparameters(config, method, model, training, device, source,
@@ -207,6 +207,14 @@ class _Session:
         for problem in problems:
             self.say(f"not replayed: {problem}")
         return (1.0 if usable else 0.0), usable
+
+    def run_precision(self, resume: bool, device: torch.device) -> str:
+        """The precision this run trains in: the run's own when it resumes (it is kept), else resolved now."""
+        if resume and is_run_dir(self.run_dir):
+            saved = (read_manifest(self.run_dir).get("resolved") or {}).get("precision")
+            if saved is not None:
+                return saved
+        return resolve_precision(self.config.precision, device)
 
     def keep_run_schedule(self, resolved: dict) -> dict:
         """On resume, the values that shape the run's steps come from the run, not from "auto" now
