@@ -347,10 +347,10 @@ def _stats(observer: _Observer, parameters: int | None) -> DataStats | None:
     billed = observer.kept_tokens * epochs
     import torch
 
-    from tunesmith.models.loading import cpu_has_fast_bf16
+    from tunesmith.models.loading import native_precision
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    precision = "bf16" if device == "cuda" or cpu_has_fast_bf16() else "fp32"  # the trainer's "auto"
+    precision = native_precision(torch.device(device))  # what the trainer's "auto" picks
     flops, device_name = measure_matmul_flops(device)
     seconds = estimate_training_seconds(parameters, billed, flops, device, precision) if parameters else {}
     return DataStats(

@@ -26,6 +26,13 @@ def cpu_has_fast_bf16() -> bool:
         return False
 
 
+def native_precision(device: torch.device) -> str:
+    """``bf16`` where ``device`` multiplies bf16 matrices natively (CUDA with bf16, AMX, AVX512-BF16), else ``fp32``."""
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_has_fast_bf16() else "fp32"
+
+
 def pick_device(requested: str | None = None) -> torch.device:
     """``requested`` if given, else CUDA when present, else the CPU."""
     if requested:

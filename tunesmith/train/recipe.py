@@ -28,7 +28,7 @@ from tunesmith.atomic import atomic_dir, write_json
 from tunesmith.errors import ConfigError, DataError, NotFoundError, TunesmithError
 from tunesmith.models.export import is_disk_full
 from tunesmith.models.attention import attention_kernels
-from tunesmith.models.loading import (apply_chat_template_and_eos, cpu_has_fast_bf16, load_causal_lm, load_tokenizer,
+from tunesmith.models.loading import (apply_chat_template_and_eos, load_causal_lm, load_tokenizer, native_precision,
                                       pick_device)
 from tunesmith.train import batches as data
 from tunesmith.train import checkpoint as ckpt
@@ -558,11 +558,7 @@ def resolve_precision(asked: str, device: torch.device) -> str:
     loss's softmax stay fp32. On a CPU with AMX it measured 1.4x the fp32 step
     (bench/RESULTS.md); without native bf16 it would be slower than fp32, so "auto" keeps fp32.
     """
-    if asked != AUTO:
-        return asked
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if device.type == "cpu" and cpu_has_fast_bf16() else "fp32"
+    return asked if asked != AUTO else native_precision(device)
 
 
 def autocast_for(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
