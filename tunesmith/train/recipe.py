@@ -33,6 +33,7 @@ from tunesmith.models.loading import (apply_chat_template_and_eos, load_causal_l
 from tunesmith.train import batches as data
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import fast
+from tunesmith.train import heap
 from tunesmith.train import hyperparams
 from tunesmith.train.config import AUTO, RESUME_LOCKED, TrainConfig
 from tunesmith.train.methods import get_method
@@ -179,7 +180,8 @@ class _Session:
                                           tokenizer)
         load_seconds = time.perf_counter() - started
         # 8. The loop.
-        with fast.reused_loss_buffers():  # the output layer's rows x vocab temporaries, kept across steps
+        # the output layer's rows x vocab temporaries, and the C heap's freed pages, kept across steps
+        with fast.reused_loss_buffers(), heap.kept_heap():
             stopped = self.fit(model, optimizer, scheduler, training, resolved, progress, metrics, device,
                                trainable)
         if stopped is not None:

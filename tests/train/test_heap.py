@@ -1,0 +1,50 @@
+"""The C heap keeps freed pages during a training loop and gives them back after it."""
+
+import os
+import resource
+import sys
+
+import pytest
+import torch
+
+from tunesmith.train import heap
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or heap._glibc() is None,
+                                reason="mallopt is glibc's")
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * PAGE
+
+
+def _touch_and_free(count: int, size: int) -> None:
+    """A step's worth of activations: ``count`` tensors of ``size`` bytes, written, then all freed."""
+    tensors = [torch.ones(size // 4, dtype=torch.float32) for _ in range(count)]
+    del tensors
+
+
+def test_a_freed_activation_is_reused_without_page_faults():
+    with heap.kept_heap() as kept:
+        assert kept
+        for _ in range(2):  # the first steps map the pages
+            _touch_and_free(16, 8 << 20)
+        before = _faults()
+        _touch_and_free(16, 8 << 20)  # the next one finds them in the heap
+        faults = _faults() - before
+    pages = 16 * (8 << 20) // PAGE
+    assert faults < pages // 100, f"{faults} page faults for {pages} pages reused"
+
+
+def test_the_memory_goes_back_after_the_block():
+    with heap.kept_heap():
+        _touch_and_free(32, 8 << 20)
+        held = _resident_bytes()
+    released = held - _resident_bytes()
+    assert released > (32 * (8 << 20)) * 3 // 4, f"only {released >> 20} MiB of 256 MiB released"
