@@ -142,6 +142,7 @@ def run_child(case: Case) -> dict:
     from tunesmith.models.loading import load_tokenizer
     from tunesmith.models.store import resolve_model
 
+    peak_before = matmul_peak(case.device, (case.precision,))[case.precision]
     torch.manual_seed(SEED)
     path = resolve_model(case.model).path
     tokenizer = load_tokenizer(path)
@@ -155,13 +156,18 @@ def run_child(case: Case) -> dict:
     timed = slice(WARMUP_STEPS, None)
     seconds = ends[-1] - ends[WARMUP_STEPS - 1]
     gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if case.device.startswith("cuda") else None
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_after = matmul_peak(case.device, (case.precision,))[case.precision]
     return {
         "peak_gpu_mib": gpu_peak,
+        # this process's own matmul peak, before and after its steps: the machine's speed drifts
+        # by a third within an hour here, and MFU against a peak taken at another moment drifts with it
+        "matmul_peak": max(peak_before, peak_after),
         "tokens": sum(tokens[timed]),
         "seconds": seconds,
         "tokens_per_s": sum(tokens[timed]) / seconds,
         "losses": out["losses"],
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": peak_rss,
         "step_seconds": [round(b - a, 3) for a, b in zip(ends, ends[1:])],
         "first_step_s": out.get("first_step_s"),
     }
@@ -257,8 +263,8 @@ def run_recipe(case: Case, conversations, scratch: Path) -> dict:
 # ============================================================================ peak, FLOPs, machine
 
 
-def matmul_peak(device: str = "cpu") -> dict:
-    """Best GEMM rate (GFLOP/s) in fp32 and bf16 over a few square and model-shaped products."""
+def matmul_peak(device: str = "cpu", precisions: tuple[str, ...] = ("fp32", "bf16")) -> dict:
+    """Best GEMM rate (GFLOP/s) in each of ``precisions`` over a few square and model-shaped products."""
     import torch
 
     shapes = [(2048, 2048, 2048), (4096, 4096, 4096), (1152, 576, 1536), (1152, 1536, 576)]
@@ -267,6 +273,8 @@ def matmul_peak(device: str = "cpu") -> dict:
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     peak = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        if name not in precisions:
+            continue
         best = 0.0
         for m, k, n in shapes:
             a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
@@ -371,7 +379,8 @@ def best_of(runs: list[dict]) -> dict:
 
 
 def attach_flops(case: Case, result: dict, peak: dict) -> None:
-    """MFU of a measured case: its useful FLOPs over the timed steps against the same-precision peak."""
+    """MFU of a measured case: its useful FLOPs over the timed steps against the same-precision peak
+    its own process measured (``peak``, the invocation's, for results saved before it did)."""
     from tunesmith.models.loading import load_tokenizer
     from tunesmith.models.store import resolve_model
 
@@ -380,7 +389,7 @@ def attach_flops(case: Case, result: dict, peak: dict) -> None:
     timed = [encoded[i] for i in order[WARMUP_STEPS * BATCH_SIZE:]]
     flops = model_flops(case.model, timed, case.method)
     result["gflops_per_s"] = flops / result["seconds"] / 1e9
-    result["mfu"] = result["gflops_per_s"] / peak[case.precision]
+    result["mfu"] = result["gflops_per_s"] / result.get("matmul_peak", peak[case.precision])
 
 
 def final_loss(result: dict) -> float | None:
@@ -413,8 +422,9 @@ def render(cases: list[Case], results: dict[str, dict], peak: dict, info: dict, 
         f"bf16 units: {', '.join(info['bf16_units']) or 'none'}; Python {info['python']}"
         + (f"; GPU: {info['gpu']}." if info.get("gpu") else "."),
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()) + ".",
-        f"- Matmul peak measured at the start of the run: fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} "
-        "GFLOP/s (with `--merge`, each row's MFU uses the peak measured by its own invocation).",
+        f"- Matmul peak measured at the start of the invocation: fp32 {peak['fp32']:.0f} GFLOP/s, bf16 "
+        f"{peak['bf16']:.0f} GFLOP/s. Each row's MFU uses the peak its own process measured just before and "
+        "after its steps (the higher of the two), in the row's precision.",
         f"- Batches of {BATCH_SIZE} generated chat examples (system + user + assistant, the answer 20-40% of the "
         "tokens), loss on the assistant answer only; the same batches in the same order for every runner; "
         f"LoRA r={LORA['r']} alpha={LORA['lora_alpha']} dropout={LORA['lora_dropout']} on all linear layers, "
@@ -424,8 +434,7 @@ def render(cases: list[Case], results: dict[str, dict], peak: dict, info: dict, 
         "`--repeat N`, the fastest of N runs of the case, each in a fresh process, the cases taking turns round "
         "after round); peak RSS is "
         "each run's own process; loss is the mean training loss of the last 4 steps; MFU counts the useful "
-        "FLOPs (no padding, output layer at labelled positions only) against the matmul peak of the run's "
-        "precision.",
+        "FLOPs (no padding, output layer at labelled positions only) against that matmul peak.",
         "- Ratios: `vs Trainer` compares with the Trainer at the same precision, `vs Trainer fp32` with the "
         "fp32 Trainer.",
         "",
@@ -544,7 +553,7 @@ def main() -> None:
             print(f"{case.label:55s} FAILED: {result['error']}", flush=True)
         results[case.label] = {**result, "steps": case.steps, "load": round(os.getloadavg()[0], 1),
                                "measured": time.strftime("%H:%M UTC", time.gmtime()),
-                               "peak": peak[case.precision]}
+                               "peak": result.get("matmul_peak", peak[case.precision])}
         if raw is not None:  # after each case, so an interrupted run keeps what it measured
             raw.write_text(json.dumps({"peak": peak, "machine": info, "results": results}, indent=1) + "\n",
                            encoding="utf-8")

@@ -4,8 +4,9 @@ A training step allocates and frees the same activations every step: hundreds of
 MB, in tensors of a few MB each. glibc malloc, left to itself, hands the large
 ones back to the kernel when they are freed (``mmap``/``munmap`` above a threshold,
 and a trim of the heap's top above another), so the next step takes a page fault
-for every 4 KB it touches again: 40,000-140,000 faults a step for LoRA on
-SmolLM2 at 1,100 tokens, 6-12% of the step (bench/RESULTS.md). PyTorch's CPU
+for every 4 KB it touches again: 38,000-138,000 faults a step for LoRA on
+SmolLM2 at 1,100 tokens, against 1,900 with the settings below; the step ran
+4-17% faster in six of seven side-by-side pairs (bench/RESULTS.md). PyTorch's CPU
 allocator is plain ``malloc``, so the fix is two ``mallopt`` settings for the
 duration of the loop, and a ``malloc_trim`` after it to give the memory back.
 
