@@ -378,9 +378,9 @@ def best_of(runs: list[dict]) -> dict:
     return {**best, "runs": [round(r["tokens_per_s"], 1) for r in good]}
 
 
-def attach_flops(case: Case, result: dict, peak: dict) -> None:
+def attach_flops(case: Case, result: dict) -> None:
     """MFU of a measured case: its useful FLOPs over the timed steps against the same-precision peak
-    its own process measured (``peak``, the invocation's, for results saved before it did)."""
+    its own process measured."""
     from tunesmith.models.loading import load_tokenizer
     from tunesmith.models.store import resolve_model
 
@@ -389,7 +389,7 @@ def attach_flops(case: Case, result: dict, peak: dict) -> None:
     timed = [encoded[i] for i in order[WARMUP_STEPS * BATCH_SIZE:]]
     flops = model_flops(case.model, timed, case.method)
     result["gflops_per_s"] = flops / result["seconds"] / 1e9
-    result["mfu"] = result["gflops_per_s"] / result.get("matmul_peak", peak[case.precision])
+    result["mfu"] = result["gflops_per_s"] / result["matmul_peak"]
 
 
 def final_loss(result: dict) -> float | None:
@@ -545,7 +545,7 @@ def main() -> None:
         runs[case.label].append(run_case_in_subprocess(case))
         result = best_of(runs[case.label])
         if "error" not in result:
-            attach_flops(case, result, peak)
+            attach_flops(case, result)
             print(f"{case.label:55s} {result['tokens_per_s']:7.1f} tok/s  rss {result['peak_rss_mib']:6.0f} MiB  "
                   f"loss {final_loss(result):.4f}  mfu {result['mfu'] * 100:4.1f}%  ({result['wall_s']:.0f}s)",
                   flush=True)

@@ -210,10 +210,14 @@ class _Session:
             self.say(f"not replayed: {problem}")
         return (1.0 if usable else 0.0), usable
 
+    def saved_resolved(self) -> dict:
+        """The resolved values the run folder's manifest keeps (the run is resumed)."""
+        return read_manifest(self.run_dir).get("resolved") or {}
+
     def run_precision(self, resume: bool, device: torch.device) -> str:
         """The precision this run trains in: the run's own when it resumes (it is kept), else resolved now."""
         if resume and is_run_dir(self.run_dir):
-            saved = (read_manifest(self.run_dir).get("resolved") or {}).get("precision")
+            saved = self.saved_resolved().get("precision")
             if saved is not None:
                 return saved
         return resolve_precision(self.config.precision, device)
@@ -221,7 +225,7 @@ class _Session:
     def keep_run_schedule(self, resolved: dict) -> dict:
         """On resume, the values that shape the run's steps come from the run, not from "auto" now
         (free memory, say, may have changed the automatic batch size since)."""
-        saved = read_manifest(self.run_dir).get("resolved") or {}
+        saved = self.saved_resolved()
         kept = dict(resolved)
         for key in RESOLVED_LOCKED:
             if key in saved and saved[key] != resolved.get(key):
