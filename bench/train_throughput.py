@@ -476,6 +476,20 @@ def render(cases: list[Case], results: dict[str, dict], peak: dict, info: dict, 
 NOTES_MARKER = "<!-- notes: kept when the tables are regenerated -->"
 
 
+def check_same_machine(saved: dict, current: dict, path: Path) -> None:
+    """Exits unless ``current`` is the machine ``saved`` results were measured on (``--merge``).
+
+    Ratios only hold within one machine: rows from another CPU in the same table would
+    pair one machine's baseline with another's tunesmith.
+    """
+    keys = ("cpu", "cores", "bf16_units", "gpu")
+    if any(saved.get(key) != current.get(key) for key in keys):
+        theirs = ", ".join(str(saved.get(key)) for key in keys)
+        ours = ", ".join(str(current.get(key)) for key in keys)
+        raise SystemExit(f"--merge: {path} was measured on {theirs}, this machine is {ours}; "
+                         "write this machine's table elsewhere with --out FILE.md")
+
+
 def kept_notes(path: Path) -> str:
     """The hand-written analysis below the tables of an existing RESULTS.md (kept across runs)."""
     if not path.is_file():
@@ -537,7 +551,9 @@ def main() -> None:
     results: dict[str, dict] = {}
     raw = Path(out).with_suffix(".json") if out else None
     if args.merge and raw is not None and raw.is_file():
-        results = json.loads(raw.read_text(encoding="utf-8"))["results"]
+        saved = json.loads(raw.read_text(encoding="utf-8"))
+        check_same_machine(saved["machine"], info, raw)
+        results = saved["results"]
     runs: dict[str, list[dict]] = {case.label: [] for case in cases}
     # With --repeat, the cases take turns (round after round) rather than running N times in a row:
     # a slow spell of a shared machine then hits every runner, not one case's repeats.
