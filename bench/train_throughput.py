@@ -558,8 +558,10 @@ def main() -> None:
     # With --repeat, the cases take turns (round after round) rather than running N times in a row:
     # a slow spell of a shared machine then hits every runner, not one case's repeats.
     for case in [case for _ in range(args.repeat) for case in cases]:
-        runs[case.label].append(run_case_in_subprocess(case))
-        result = best_of(runs[case.label])
+        run = run_case_in_subprocess(case)
+        run.update(load=round(os.getloadavg()[0], 1), measured=time.strftime("%H:%M UTC", time.gmtime()))
+        runs[case.label].append(run)
+        result = best_of(runs[case.label])  # with the time and load of its own run
         if "error" not in result:
             attach_flops(case, result)
             print(f"{case.label:55s} {result['tokens_per_s']:7.1f} tok/s  rss {result['peak_rss_mib']:6.0f} MiB  "
@@ -567,9 +569,7 @@ def main() -> None:
                   flush=True)
         else:
             print(f"{case.label:55s} FAILED: {result['error']}", flush=True)
-        results[case.label] = {**result, "steps": case.steps, "load": round(os.getloadavg()[0], 1),
-                               "measured": time.strftime("%H:%M UTC", time.gmtime()),
-                               "peak": result.get("matmul_peak", peak[case.precision])}
+        results[case.label] = {**result, "steps": case.steps, "peak": result.get("matmul_peak", peak[case.precision])}
         if raw is not None:  # after each case, so an interrupted run keeps what it measured
             raw.write_text(json.dumps({"peak": peak, "machine": info, "results": results}, indent=1) + "\n",
                            encoding="utf-8")
