@@ -51,3 +51,29 @@ def test_the_memory_goes_back_after_the_block():
         held = _resident_bytes()
     released = held - _resident_bytes()
     assert released > (32 * (8 << 20)) * 3 // 4, f"only {released >> 20} MiB of 256 MiB released"
+
+
+class _RefusingLibc:
+    """A C library whose mallopt refuses the trim threshold: a refusal a real glibc gives only for
+    values out of its range, so it cannot be caused here otherwise."""
+
+    def __init__(self):
+        self.settings = {}
+
+    def mallopt(self, option, value):
+        if option == heap.M_TRIM_THRESHOLD and value == heap.TRIM_THRESHOLD:
+            return 0
+        self.settings[option] = value
+        return 1
+
+    def malloc_trim(self, pad):
+        raise AssertionError("nothing to trim when the settings were refused")
+
+
+def test_a_refused_setting_leaves_no_half_of_it_behind(monkeypatch):
+    libc = _RefusingLibc()
+    monkeypatch.setattr(heap, "_glibc", lambda: libc)
+    with heap.kept_heap() as kept:
+        assert not kept
+    assert libc.settings == {heap.M_MMAP_THRESHOLD: heap.AFTER_MMAP_THRESHOLD,
+                             heap.M_TRIM_THRESHOLD: heap.AFTER_TRIM_THRESHOLD}

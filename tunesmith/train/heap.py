@@ -69,7 +69,11 @@ def kept_heap() -> Iterator[bool]:
     correct, only the later part of the longer one runs with the "after" values.
     """
     libc = _glibc()
-    if libc is None or not _set(libc, MMAP_THRESHOLD, TRIM_THRESHOLD):
+    if libc is None:
+        yield False
+        return
+    if not _set(libc, MMAP_THRESHOLD, TRIM_THRESHOLD):
+        _set(libc, AFTER_MMAP_THRESHOLD, AFTER_TRIM_THRESHOLD)  # no half of the setting stays behind
         yield False
         return
     try:
