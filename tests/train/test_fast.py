@@ -154,6 +154,89 @@ def test_packed_attention_is_restored_after_the_block(tiny_model_path):
     assert model.config._attn_implementation == before
 
 
+def _attention_inputs(lengths, heads=4, kv_heads=2, dim=16, seed=0):
+    """q, k, v leaves for a packed row of ``lengths`` (GQA when ``kv_heads`` < ``heads``) and its bounds."""
+    generator = torch.Generator().manual_seed(seed)
+    total = sum(lengths)
+    q = torch.randn(1, heads, total, dim, generator=generator).requires_grad_()
+    k, v = (torch.randn(1, kv_heads, total, dim, generator=generator).requires_grad_() for _ in range(2))
+    bounds = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return q, k, v, bounds
+
+
+def _reference_attention(q, k, v, lengths, grad, scale, dtype=torch.float64):
+    """Per-example causal sdpa in ``dtype`` on copies of the leaves: (output ``[1, T, heads, dim]``, grads)."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    groups = q.shape[1] // k.shape[1]
+    kk, vv = (t.repeat_interleave(groups, dim=1) for t in leaves[1:])
+    pieces = [F.scaled_dot_product_attention(a, b, c, is_causal=True, scale=scale)
+              for a, b, c in zip(*(t.split(lengths, dim=2) for t in (leaves[0], kk, vv)))]
+    out = torch.cat(pieces, dim=2).transpose(1, 2)
+    out.backward(grad.to(dtype))
+    return out, [t.grad for t in leaves]
+
+
+def test_tiled_attention_equals_sdpa_with_its_gradients(monkeypatch):
+    lengths = [130, 300, 40, 512]  # tiled, tiled over several tiles, the flash kernel, the longest tiled
+    q, k, v, bounds = _attention_inputs(lengths)
+    tiled = []
+    apply = fast._TiledCausalAttention.apply
+    monkeypatch.setattr(fast._TiledCausalAttention, "apply", lambda q, *rest: tiled.append(q.shape[2]) or apply(q, *rest))
+    out, _ = fast.varlen_sdpa_attention(None, q, k, v, None, scaling=0.3, cu_seq_lens_q=bounds)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref, ref_grads = _reference_attention(q, k, v, lengths, grad, 0.3)
+    assert tiled == [130, 300, 512]
+    torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=1e-5)
+    for got, want in zip((q.grad, k.grad, v.grad), ref_grads):
+        torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-4)
+
+
+def test_tiled_attention_is_for_training_only():
+    q, k, v, _ = _attention_inputs([200])
+    assert fast._tiled_attention_pays(q, k, v)
+    with torch.no_grad():
+        assert not fast._tiled_attention_pays(q, k, v)  # inference keeps no probabilities: flash
+    assert not fast._tiled_attention_pays(q.detach(), k.detach(), v.detach())
+
+
+@pytest.mark.parametrize("amx", [False, True])
+def test_bf16_attention_of_long_examples_picks_its_kernel_by_the_cpu(monkeypatch, amx):
+    # Without AMX, bf16 attention of 128-512 tokens runs the tiled fp32 kernel; with AMX, the
+    # flash kernel's bf16 forward. Both return bf16 and fp32-accurate gradients.
+    monkeypatch.setattr(fast, "_cpu_has_amx", lambda: amx)
+    lengths = [150, 260]
+    q, k, v, bounds = _attention_inputs(lengths, seed=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = fast.varlen_sdpa_attention(None, q, k, v, None, scaling=0.25, cu_seq_lens_q=bounds)
+    assert out.dtype == torch.bfloat16
+    grad = torch.randn_like(out, dtype=torch.float32)
+    out.float().backward(grad)
+    exact, exact_grads = _reference_attention(q, k, v, lengths, grad, 0.25)
+    bf16_inputs = [t.detach().bfloat16().float() for t in (q, k, v)]
+    if amx:
+        flash, _ = _reference_attention(*bf16_inputs, lengths, grad, 0.25, dtype=torch.bfloat16)
+        torch.testing.assert_close(out, flash, atol=0, rtol=0)  # the same bf16 forward kernel
+    else:
+        fp32, _ = _reference_attention(*bf16_inputs, lengths, grad, 0.25, dtype=torch.float32)
+        torch.testing.assert_close(out, fp32.bfloat16(), atol=1e-2, rtol=1e-2)  # fp32 math, rounded once
+    for got, want in zip((q.grad, k.grad, v.grad), exact_grads):
+        assert (got.double() - want).norm() / want.norm() < 5e-3
+
+
+def test_lora_step_over_long_examples_equals_the_padded_one(tiny_model_path):
+    from peft import LoraConfig, get_peft_model
+
+    model = load_causal_lm(tiny_model_path, device=CPU, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+                                             task_type="CAUSAL_LM")).train()
+    torch.manual_seed(2)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.02)
+    _assert_same_step(model, _examples([140, 33, 260], model.config.vocab_size, seed=4))
+
+
 def test_packed_attention_under_bf16_autocast_has_sdpa_forward_and_fp32_accurate_gradients():
     torch.manual_seed(0)
     lengths = [37, 5, 60]

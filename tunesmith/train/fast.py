@@ -184,13 +184,43 @@ def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
     outputs = []
     for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2)):
         mask = _sliding_causal_mask(q.shape[2], sliding_window, q.device)
-        if mask is None and dropout == 0.0 and _reduced_precision_on_cpu(q):
-            outputs.append(_cpu_flash_attention(q, k, v, scaling))
+        if mask is None and dropout == 0.0 and q.device.type == "cpu":
+            outputs.append(_cpu_causal_attention(q, k, v, scaling))
         else:
             outputs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                                           is_causal=mask is None, scale=scaling))
     output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
     return output.transpose(1, 2).contiguous(), None
+
+
+def _cpu_causal_attention(q, k, v, scale: float | None) -> torch.Tensor:
+    """One example's causal attention on the CPU, by the kernel measured fastest for its length and precision.
+
+    - fp32, training, 128-512 tokens: :class:`_TiledCausalAttention`.
+    - bf16 (autocast or bf16 tensors) on a CPU without AMX: the same in fp32, where it applies;
+      without AMX a bf16 product runs only about twice as fast as fp32, and the flash kernel
+      gains nothing from it (bench/RESULTS_EPYC.md). The output comes back in bf16, as sdpa's.
+    - bf16 otherwise: the flash kernel's bf16 forward, its fp32 backward (:func:`_cpu_flash_attention`).
+    - fp32 otherwise: sdpa (the flash kernel).
+    """
+    if _reduced_precision_on_cpu(q):
+        if not _cpu_has_amx() and _tiled_attention_pays(q, k, v):
+            dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
+            with torch.autocast("cpu", enabled=False):
+                return _TiledCausalAttention.apply(q.float(), k.float(), v.float(), scale).to(dtype)
+        return _cpu_flash_attention(q, k, v, scale)
+    if q.dtype == torch.float32 and _tiled_attention_pays(q, k, v):
+        return _TiledCausalAttention.apply(q, k, v, scale)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+
+@functools.cache
+def _cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (where bf16 matmuls run several times faster than fp32)."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without the probe: assume not
+        return False
 
 
 def _reduced_precision_on_cpu(q: torch.Tensor) -> bool:
@@ -233,6 +263,89 @@ def _cpu_flash_attention(q, k, v, scale: float | None) -> torch.Tensor:
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     with torch.autocast("cpu", enabled=False):
         return _FlashAttentionFp32Backward.apply(q, k, v, scale)
+
+
+# Example lengths (tokens) between which :class:`_TiledCausalAttention` trains faster than the CPU
+# flash kernel: level at 140 tokens, the flash kernel faster under it; the upper bound caps the
+# probabilities it keeps for the backward (9 heads x 512^2 floats, about 5 MB an example and layer).
+TILED_ATTENTION_TOKENS = (128, 512)
+TILED_ATTENTION_BLOCK = 96  # query rows per tile: 64-128 measured alike, 96 the middle
+
+
+def _tiled_attention_pays(q, k, v) -> bool:
+    """Whether one example's attention is worth :class:`_TiledCausalAttention`: training, 128-512 tokens."""
+    low, high = TILED_ATTENTION_TOKENS
+    return (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+            and low <= q.shape[2] <= high)
+
+
+def _row_tiles(length: int, block: int) -> list[tuple[int, int]]:
+    """``[start, end)`` of the query-row tiles of an example: about ``block`` rows each."""
+    n = max(1, round(length / block))
+    bounds = [length * i // n for i in range(n + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+@functools.lru_cache(maxsize=64)
+def _upper_triangle(size: int, device: torch.device) -> torch.Tensor:
+    """``[size, size]``: -inf above the diagonal, 0 elsewhere (a tile's causal mask)."""
+    return torch.full((size, size), float("-inf"), device=device).triu_(1)
+
+
+class _TiledCausalAttention(torch.autograd.Function):
+    """Causal attention of one example in fp32 as batched matmuls over row tiles, probabilities kept.
+
+    PyTorch's CPU flash kernel runs at about 35-40 GFLOP/s a core on these shapes
+    (64-wide heads, 100-500 tokens) against about 100 for a plain matmul, and its
+    backward recomputes the probabilities. Here the query rows are cut into tiles of
+    about :data:`TILED_ATTENTION_BLOCK`; a tile's scores are one ``bmm`` over every
+    head, against the keys up to its last row only (the causal triangle is skipped
+    but for the tile's own diagonal block), so MKL runs near its peak. The
+    probabilities are kept for the backward, which is then four ``bmm`` a tile and
+    two elementwise passes. Forward + backward, 9 heads: 1.15x the flash kernel at
+    140 tokens, 1.3x at 290, 1.5x at 440-512 (bench/RESULTS_EPYC.md). Same values to
+    float rounding.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float | None):
+        heads, length, dim = q.shape[1:]
+        scale = dim ** -0.5 if scale is None else scale
+        q0, k0, v0 = q[0], k[0], v[0]
+        out = torch.empty(1, length, heads, dim, dtype=q.dtype, device=q.device).transpose(1, 2)
+        probs = []
+        for start, end in _row_tiles(length, TILED_ATTENTION_BLOCK):
+            scores = torch.bmm(q0[:, start:end] * scale, k0[:, :end].transpose(1, 2))
+            scores[:, :, start:end] += _upper_triangle(end - start, q.device)
+            p = torch.softmax(scores, dim=-1)
+            out[0, :, start:end] = torch.bmm(p, v0[:, :end])
+            probs.append(p)
+        ctx.save_for_backward(q, k, v, out, *probs)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, *probs = ctx.saved_tensors
+        q0, k0, v0, g0 = q[0], k[0], v[0], grad[0]
+        heads, length, dim = q0.shape
+        # d loss / d scores = p * (dP - rowsum(dO * O)), the softmax's backward with its row term precomputed
+        row_term = torch.linalg.vecdot(g0, out[0]).unsqueeze(-1)
+        grad_q = torch.empty(1, length, heads, dim, dtype=q.dtype, device=q.device).transpose(1, 2)
+        grad_k = grad_v = None
+        # the last tile reaches every key: its products are the buffers the others add into
+        for (start, end), p in reversed(list(zip(_row_tiles(length, TILED_ATTENTION_BLOCK), probs))):
+            g = g0[:, start:end]
+            grad_scores = torch.bmm(g, v0[:, :end].transpose(1, 2)).sub_(row_term[:, start:end]).mul_(p)
+            grad_q[0, :, start:end] = torch.bmm(grad_scores, k0[:, :end]).mul_(ctx.scale)
+            part_v = torch.bmm(p.transpose(1, 2), g)
+            part_k = torch.bmm(grad_scores.transpose(1, 2), q0[:, start:end])
+            if grad_k is None:
+                grad_v, grad_k = part_v, part_k.mul_(ctx.scale)
+            else:
+                grad_v[:, :end] += part_v
+                grad_k[:, :end].add_(part_k, alpha=ctx.scale)
+        return grad_q, grad_k.unsqueeze(0), grad_v.unsqueeze(0), None
 
 
 def _sliding_causal_mask(length: int, window: int | None, device) -> torch.Tensor | None:
