@@ -146,6 +146,19 @@ def test_gemma_sliding_window_is_kept_per_example(tiny_gemma_path):
     _assert_same_step(model, _examples([21, 6, 14], model.config.vocab_size, seed=2))
 
 
+def test_the_last_mlp_runs_only_at_labelled_rows_and_is_restored(tiny_model_path):
+    model = load_causal_lm(tiny_model_path, device=CPU, dtype=torch.float32)
+    layers = model.get_decoder().layers
+    seen = {}
+    for index in (0, len(layers) - 1):
+        layers[index].mlp.down_proj.register_forward_hook(
+            lambda module, args, out, index=index: seen.__setitem__(index, args[0].shape[1]))
+    batch = fast.pack_examples(_examples([20, 11], model.config.vocab_size))
+    fast.packed_token_loss(model, batch)
+    assert seen == {0: batch.tokens, len(layers) - 1: batch.labelled}  # every row, then the labelled ones
+    assert "forward" not in vars(layers[-1].mlp)
+
+
 def test_packed_attention_is_restored_after_the_block(tiny_model_path):
     model = load_causal_lm(tiny_model_path, device=CPU, dtype=torch.float32)
     before = model.config._attn_implementation

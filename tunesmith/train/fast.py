@@ -10,8 +10,10 @@ than all its transformer blocks).
 So a batch here is *packed*: its examples laid end to end in one row, position ids
 restarting at each example, and attention computed example by example
 (:func:`varlen_sdpa_attention`, the CPU counterpart of flash-attention's varlen
-kernel). The decoder's hidden states are then gathered at the labelled positions
-only, and the output layer plus cross-entropy runs on those rows in chunks
+kernel; on the CPU, examples of 128-512 tokens train through tiled batched matmuls,
+:class:`_TiledCausalAttention`, faster there than PyTorch's flash kernel). The
+decoder's hidden states are then gathered at the labelled positions only, and the
+output layer plus cross-entropy runs on those rows in chunks
 (:func:`linear_cross_entropy`), computing the gradient on the way forward so the
 full logits never exist at once. Plain LoRA layers run fused autograd functions
 that fold the adapter's scale and sum into ``addmm`` and run the layers that read
@@ -1000,6 +1002,37 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     return total, int(correct)
 
 
+@contextlib.contextmanager
+def last_mlp_on_rows(model, rows: torch.Tensor) -> Iterator[bool]:
+    """Within the block, the last decoder layer's MLP of ``model`` runs only at ``rows`` of a packed row.
+
+    Only the final hidden states at the labelled positions reach the loss, and an
+    MLP works row by row, so the last layer's MLP at every other row is thrown
+    away: about 70% of the rows of a chat, whose prompt carries no label. Its
+    output is zero there (so are the layer's final hidden states' MLP parts, which
+    nothing reads); at ``rows`` it is the MLP's own, and so are its gradients.
+    Yields whether the model has such a layer (``model.get_decoder().layers[-1].mlp``).
+    """
+    layers = getattr(model.get_decoder(), "layers", None)
+    mlp = getattr(layers[-1], "mlp", None) if layers is not None and len(layers) else None
+    if mlp is None or "forward" in vars(mlp):
+        yield False
+        return
+    original = mlp.forward
+
+    def forward(x, *args, **kwargs):
+        if x.dim() != 3 or x.shape[0] != 1:
+            return original(x, *args, **kwargs)
+        picked = original(x[0].index_select(0, rows).unsqueeze(0), *args, **kwargs)
+        return picked.new_zeros(*x.shape[:2], picked.shape[-1]).index_copy(1, rows, picked)
+
+    mlp.forward = forward
+    try:
+        yield True
+    finally:
+        del mlp.forward
+
+
 def packed_token_loss(model, batch: PackedBatch, *, chunk_rows: int | None = None) -> tuple[torch.Tensor, int]:
     """Summed next-token loss over the labelled tokens of ``batch``, and how many the model got right.
 
@@ -1017,11 +1050,12 @@ def packed_token_loss(model, batch: PackedBatch, *, chunk_rows: int | None = Non
     if getattr(head, "bias", None) is not None:
         raise ValueError("an output layer with a bias is not supported by the packed loss")
     bounds = batch.cu_seqlens
-    with packed_attention(model), fused_lora(model), fused_rms_norm(model), fused_rotary(model):
+    rows = (batch.targets[0] != IGNORE_INDEX).nonzero().squeeze(1)
+    with (packed_attention(model), fused_lora(model), fused_rms_norm(model), fused_rotary(model),
+          last_mlp_on_rows(model, rows)):
         hidden = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
                          cu_seq_lens_q=bounds, cu_seq_lens_k=bounds,
                          max_length_q=batch.max_seqlen, max_length_k=batch.max_seqlen).last_hidden_state
-    rows = (batch.targets[0] != IGNORE_INDEX).nonzero().squeeze(1)
     config = model.config
     softcap = getattr(getattr(config, "text_config", config), "final_logit_softcapping", None)
     return linear_cross_entropy(hidden[0].index_select(0, rows), head.weight, batch.targets[0, rows],
