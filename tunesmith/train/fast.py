@@ -304,9 +304,9 @@ class _TiledCausalAttention(torch.autograd.Function):
     head, against the keys up to its last row only (the causal triangle is skipped
     but for the tile's own diagonal block), so MKL runs near its peak. The
     probabilities are kept for the backward, which is then four ``bmm`` a tile and
-    two elementwise passes. Forward + backward, 9 heads: 1.15x the flash kernel at
-    140 tokens, 1.3x at 290, 1.5x at 440-512 (bench/RESULTS_EPYC.md). Same values to
-    float rounding.
+    two elementwise passes. Forward + backward with autograd, SmolLM2's heads: level
+    with the flash kernel at 140 tokens, 1.22x at 290, 1.40x at 440; the LoRA step
+    3.5-6.7% faster in fp32 (bench/RESULTS_EPYC.md). Same values to float rounding.
     """
 
     @staticmethod
