@@ -269,7 +269,8 @@ def _cpu_flash_attention(q, k, v, scale: float | None) -> torch.Tensor:
 
 # Example lengths (tokens) between which :class:`_TiledCausalAttention` trains faster than the CPU
 # flash kernel: level at 140 tokens, the flash kernel faster under it; the upper bound caps the
-# probabilities it keeps for the backward (9 heads x 512^2 floats, about 5 MB an example and layer).
+# probabilities it keeps for the backward (9 heads x 512^2 floats, three fifths of them in tiles: about
+# 6 MB an example and layer).
 TILED_ATTENTION_TOKENS = (128, 512)
 TILED_ATTENTION_BLOCK = 96  # query rows per tile: 64-128 measured alike, 96 the middle
 
