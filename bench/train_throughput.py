@@ -336,8 +336,10 @@ def machine(device: str = "cpu") -> dict:
         pass
     import torch
 
+    from tunesmith.models.loading import cpu_has_amx
+
     flags = []
-    if torch.cpu._is_amx_tile_supported():
+    if cpu_has_amx():
         flags.append("AMX")
     if torch.cpu._is_avx512_bf16_supported():
         flags.append("AVX512-BF16")

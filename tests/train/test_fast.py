@@ -124,16 +124,22 @@ def test_full_fine_tuning_step_equals_the_padded_one(tiny_model_path):
     _assert_same_step(model, _examples([23, 9, 31, 17], model.config.vocab_size))
 
 
-def test_lora_step_equals_the_padded_one(tiny_model_path):
+def _lora_model(path, seed: int):
+    """The tiny model with LoRA r=4 on every linear layer, its ``B`` drawn with ``seed`` (zero at init)."""
     from peft import LoraConfig, get_peft_model
 
-    model = load_causal_lm(tiny_model_path, device=CPU, dtype=torch.float32)
+    model = load_causal_lm(path, device=CPU, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
                                              task_type="CAUSAL_LM")).train()
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     for name, parameter in model.named_parameters():
         if "lora_B" in name:  # zero at init: give the adapters something to propagate
             torch.nn.init.normal_(parameter, std=0.02)
+    return model
+
+
+def test_lora_step_equals_the_padded_one(tiny_model_path):
+    model = _lora_model(tiny_model_path, seed=1)
     _assert_same_step(model, _examples([12, 30, 5], model.config.vocab_size, seed=1))
 
 
@@ -217,7 +223,7 @@ def test_tiled_attention_is_for_training_only():
 def test_bf16_attention_of_long_examples_picks_its_kernel_by_the_cpu(monkeypatch, amx):
     # Without AMX, bf16 attention of 128-512 tokens runs the tiled fp32 kernel; with AMX, the
     # flash kernel's bf16 forward. Both return bf16 and fp32-accurate gradients.
-    monkeypatch.setattr(fast, "_cpu_has_amx", lambda: amx)
+    monkeypatch.setattr(fast, "cpu_has_amx", lambda: amx)
     lengths = [150, 260]
     q, k, v, bounds = _attention_inputs(lengths, seed=3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -238,15 +244,7 @@ def test_bf16_attention_of_long_examples_picks_its_kernel_by_the_cpu(monkeypatch
 
 
 def test_lora_step_over_long_examples_equals_the_padded_one(tiny_model_path):
-    from peft import LoraConfig, get_peft_model
-
-    model = load_causal_lm(tiny_model_path, device=CPU, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
-                                             task_type="CAUSAL_LM")).train()
-    torch.manual_seed(2)
-    for name, parameter in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(parameter, std=0.02)
+    model = _lora_model(tiny_model_path, seed=2)
     _assert_same_step(model, _examples([140, 33, 260], model.config.vocab_size, seed=4))
 
 

@@ -41,6 +41,8 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from tunesmith.models.loading import cpu_has_amx
+
 IGNORE_INDEX = -100
 VARLEN_ATTENTION = "tunesmith_varlen_sdpa"
 
@@ -206,8 +208,8 @@ def _cpu_causal_attention(q, k, v, scale: float | None) -> torch.Tensor:
     - fp32 otherwise: sdpa (the flash kernel).
     """
     if _reduced_precision_on_cpu(q):
-        if not _cpu_has_amx() and _tiled_attention_pays(q, k, v):
-            dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
+        if not cpu_has_amx() and _tiled_attention_pays(q, k, v):
+            dtype = _cpu_dtype(q)  # asked before autocast is turned off
             with torch.autocast("cpu", enabled=False):
                 return _TiledCausalAttention.apply(q.float(), k.float(), v.float(), scale).to(dtype)
         return _cpu_flash_attention(q, k, v, scale)
@@ -216,21 +218,14 @@ def _cpu_causal_attention(q, k, v, scale: float | None) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
 
-@functools.cache
-def _cpu_has_amx() -> bool:
-    """Whether this CPU has AMX tiles (where bf16 matmuls run several times faster than fp32)."""
-    try:
-        return bool(torch.cpu._is_amx_tile_supported())
-    except AttributeError:  # a torch without the probe: assume not
-        return False
+def _cpu_dtype(q: torch.Tensor) -> torch.dtype:
+    """The dtype attention on the CPU computes in: autocast's where it is on, else the tensors' own."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
 
 
 def _reduced_precision_on_cpu(q: torch.Tensor) -> bool:
     """Whether this attention runs in bf16/fp16 on the CPU (autocast's dtype, or the tensors' own)."""
-    if q.device.type != "cpu":
-        return False
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
-    return dtype in (torch.bfloat16, torch.float16)
+    return q.device.type == "cpu" and _cpu_dtype(q) in (torch.bfloat16, torch.float16)
 
 
 class _FlashAttentionFp32Backward(torch.autograd.Function):
