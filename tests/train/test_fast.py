@@ -278,15 +278,18 @@ def test_packed_attention_under_bf16_autocast_has_sdpa_forward_and_fp32_accurate
         assert error <= (bf16.double() - exact).norm() / exact.norm() * 1.1  # no worse than bf16 sdpa
 
 
+@pytest.mark.parametrize("weight_trains", [True, False], ids=["row-chunks", "frozen-vocab-slices"])
 @pytest.mark.parametrize("softcap", [None, 5.0])
-def test_linear_cross_entropy_equals_full_logits(softcap):
+def test_linear_cross_entropy_equals_full_logits(softcap, weight_trains):
     torch.manual_seed(0)
     hidden = torch.randn(13, 16, requires_grad=True)
-    weight = torch.randn(50, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=weight_trains)
     targets = torch.randint(0, 50, (13,))
-    total, correct = fast.linear_cross_entropy(hidden, weight, targets, chunk_rows=4, softcap=softcap)
+    targets[0] = 49  # a target in the last, partial slice
+    total, correct = fast.linear_cross_entropy(hidden, weight, targets, chunk_rows=4, vocab_chunk=8,
+                                               softcap=softcap)
     (total * 0.5).backward()
-    got = (hidden.grad.clone(), weight.grad.clone())
+    got = (hidden.grad.clone(), weight.grad.clone() if weight_trains else None)
     hidden.grad = weight.grad = None
     logits = hidden @ weight.T
     if softcap is not None:
@@ -296,7 +299,17 @@ def test_linear_cross_entropy_equals_full_logits(softcap):
     assert total.item() == pytest.approx(expected.item(), rel=1e-5)
     assert correct == int((logits.argmax(-1) == targets).sum())
     torch.testing.assert_close(got[0], hidden.grad)
-    torch.testing.assert_close(got[1], weight.grad)
+    if weight_trains:
+        torch.testing.assert_close(got[1], weight.grad)
+
+
+def test_frozen_weight_loss_keeps_the_first_maximum_across_slices():
+    hidden = torch.ones(1, 2)
+    weight = torch.zeros(12, 2)
+    weight[[3, 9]] = 1.0  # the same top logit in the first and the third slice
+    for target, right in ((3, 1), (9, 0)):
+        _, correct = fast.linear_cross_entropy(hidden, weight, torch.tensor([target]), vocab_chunk=4)
+        assert correct == right
 
 
 def test_linear_cross_entropy_under_bf16_autocast_stays_close():
@@ -310,26 +323,30 @@ def test_linear_cross_entropy_under_bf16_autocast_stays_close():
     assert total.item() == pytest.approx(exact.item(), rel=2e-2)
 
 
-def test_linear_cross_entropy_gradients_under_bf16_autocast_stay_close():
+@pytest.mark.parametrize("weight_trains", [True, False], ids=["row-chunks", "frozen-vocab-slices"])
+def test_linear_cross_entropy_gradients_under_bf16_autocast_stay_close(weight_trains):
     torch.manual_seed(0)
     hidden = torch.randn(40, 32, requires_grad=True)
-    weight = (torch.randn(300, 32) * 0.2).requires_grad_()
+    weight = (torch.randn(300, 32) * 0.2).requires_grad_(weight_trains)
     targets = torch.randint(0, 300, (40,))
     F.cross_entropy(hidden @ weight.T, targets, reduction="sum").backward()
-    exact = (hidden.grad.clone(), weight.grad.clone())
+    exact = (hidden.grad.clone(), weight.grad.clone() if weight_trains else None)
     hidden.grad = weight.grad = None
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        total, _ = fast.linear_cross_entropy(hidden, weight, targets, chunk_rows=16)
+        total, _ = fast.linear_cross_entropy(hidden, weight, targets, chunk_rows=16, vocab_chunk=64)
     total.backward()
     for got, want in zip((hidden.grad, weight.grad), exact):
+        if want is None:
+            continue
         assert got.dtype == torch.float32
         assert (got - want).norm() / want.norm() < 1e-2
 
 
+@pytest.mark.parametrize("weight_trains", [True, False], ids=["row-chunks", "frozen-vocab-slices"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_cross_entropy_with_reused_buffers_equals_fresh_ones(dtype):
+def test_linear_cross_entropy_with_reused_buffers_equals_fresh_ones(dtype, weight_trains):
     torch.manual_seed(0)
-    weight = torch.randn(300, 32, requires_grad=True)
+    weight = torch.randn(300, 32, requires_grad=weight_trains)
     results = {}
     for reuse in (False, True):
         context = fast.reused_loss_buffers() if reuse else contextlib.nullcontext()
@@ -339,9 +356,10 @@ def test_linear_cross_entropy_with_reused_buffers_equals_fresh_ones(dtype):
                 hidden = torch.randn(rows, 32, generator=generator, requires_grad=True)
                 targets = torch.randint(0, 300, (rows,), generator=generator)
                 weight.grad = None
-                total, correct = fast.linear_cross_entropy(hidden, weight, targets, chunk_rows=16)
+                total, correct = fast.linear_cross_entropy(hidden, weight, targets, chunk_rows=16, vocab_chunk=64)
                 total.backward()
-                results.setdefault(reuse, []).append((total.detach(), correct, hidden.grad, weight.grad))
+                results.setdefault(reuse, []).append((total.detach(), correct, hidden.grad,
+                                                      weight.grad if weight_trains else hidden.grad))
     for fresh, reused in zip(results[False], results[True]):
         assert fresh[1] == reused[1]
         for a, b in zip(fresh[:1] + fresh[2:], reused[:1] + reused[2:]):
