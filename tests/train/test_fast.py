@@ -303,6 +303,23 @@ def test_linear_cross_entropy_equals_full_logits(softcap, weight_trains):
         torch.testing.assert_close(got[1], weight.grad)
 
 
+def test_linear_cross_entropy_without_grad_computes_no_gradient(monkeypatch):
+    torch.manual_seed(0)
+    hidden, targets = torch.randn(13, 16), torch.randint(0, 50, (13,))
+    weight = torch.randn(50, 16, requires_grad=True)  # a weight that trains, as in full fine-tuning
+    expected = F.cross_entropy(hidden @ weight.detach().T, targets, reduction="sum")
+
+    def no_gradient(*args, **kwargs):
+        raise AssertionError("a gradient was computed under torch.no_grad")
+
+    monkeypatch.setattr(fast, "_add_grad_of_weight", no_gradient)
+    monkeypatch.setattr(fast, "_add_slice_product", no_gradient)
+    with torch.no_grad():
+        total, correct = fast.linear_cross_entropy(hidden, weight, targets, vocab_chunk=8)
+    assert total.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert correct == int(((hidden @ weight.detach().T).argmax(-1) == targets).sum())
+
+
 def test_frozen_weight_loss_keeps_the_first_maximum_across_slices():
     hidden = torch.ones(1, 2)
     weight = torch.zeros(12, 2)

@@ -1082,6 +1082,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     """
     if hidden.shape[0] == 0:
         return hidden.sum() * 0.0, 0  # keeps the graph: no labelled token in this batch
+    if not torch.is_grad_enabled():  # validation: a weight that trains needs no gradient here
+        hidden, weight = hidden.detach(), weight.detach()
     if chunk_rows is None:
         chunk_rows = max(64, (128 << 20) // (4 * weight.shape[0]))
     compute_dtype = weight.dtype
