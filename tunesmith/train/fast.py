@@ -923,7 +923,7 @@ def _frozen_weight_pass(hidden, weight, weight_c, targets, vocab_chunk: int, sof
     top = sums = best = scaled = None
     for start in range(0, weight_c.shape[0], vocab_chunk):
         w = weight_c[start:start + vocab_chunk]
-        logits = _slice_logits(h, w)
+        logits = _chunk_logits(h, w)
         if softcap is not None:
             tanh = logits.div_(softcap).tanh_()
             logits = torch.mul(tanh, softcap, out=_scratch("capped", logits.shape, torch.float32, logits.device))
@@ -965,17 +965,12 @@ def _add_slice_product(scaled: torch.Tensor | None, alpha: torch.Tensor | None, 
     return scaled.add_(_in_compute_dtype(exps, w.dtype) @ w)
 
 
-def _slice_logits(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``h @ w.T`` for a slice of the vocabulary, in fp32, in reusable buffers."""
-    shape = (h.shape[0], w.shape[0])
-    if h.dtype == torch.float32:
-        return torch.mm(h, w.T, out=_scratch("slice", shape, torch.float32, h.device))
-    product = torch.mm(h, w.T, out=_scratch("slice_c", shape, h.dtype, h.device))
-    return _scratch("slice", shape, torch.float32, h.device).copy_(product)
-
-
 def _chunk_logits(h: torch.Tensor, weight_c: torch.Tensor) -> torch.Tensor:
-    """``h @ weight_c.T`` in fp32, in reusable buffers (the product runs in ``h``'s dtype)."""
+    """``h @ weight_c.T`` in fp32, in reusable buffers (the product runs in ``h``'s dtype).
+
+    A row chunk's logits over the whole vocabulary, or all rows' over a slice of it
+    (:func:`_frozen_weight_pass`): one loss takes one of the two, so they share the buffers.
+    """
     shape = (h.shape[0], weight_c.shape[0])
     if h.dtype == torch.float32:
         return torch.mm(h, weight_c.T, out=_scratch("logits", shape, torch.float32, h.device))
