@@ -140,6 +140,22 @@ def test_two_adapters_and_the_base_in_one_batch_match_peft(engine, tiny_model_pa
     assert reference(tiny_adapters["a"], base, 8, handles[0].eos_ids) != reference(None, base, 8, handles[0].eos_ids)
 
 
+@pytest.mark.parametrize("rows", [("b", "b"), (None, "b", None)], ids=["one-adapter", "one-adapter-and-base"])
+def test_rows_of_one_adapter_among_several_match_peft(engine, tiny_model_path, tiny_adapters, reference, rows):
+    # with both adapters stacked, a decode step of one adapter reads only that adapter's slot
+    handles = {key: engine.resolve(str(tiny_adapters[key])) for key in ("a", "b")}
+    handles[None] = engine.resolve(str(tiny_model_path))
+    assert len(engine._bases[handles[None].base_key].lora.slots) >= 2
+    settings = GenerationSettings(max_tokens=8)
+    refs = [str(tiny_model_path) if key is None else str(tiny_adapters[key]) for key in rows]
+    done = run_together(engine, [(ref, lambda h=handles[key], p=p: engine.chat(h, p, settings))
+                                 for ref, key, p in zip(refs, rows, PROMPTS)])
+    for key, messages, completion in zip(rows, PROMPTS, done):
+        adapter = None if key is None else tiny_adapters[key]
+        prompt = engine.prompt_ids(handles[key], messages)
+        assert completion.token_ids == reference(adapter, prompt, 8, handles[key].eos_ids), key
+
+
 def test_dora_adapter_runs_through_peft_beside_the_batch(engine, tiny_model_path, tiny_adapters, reference):
     dora, plain = engine.resolve(str(tiny_adapters["dora"])), engine.resolve(str(tiny_adapters["a"]))
     assert engine._scheduler(dora) is not engine._scheduler(plain)  # peft runs DoRA itself, in its own batch
