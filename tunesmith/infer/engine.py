@@ -29,6 +29,7 @@ import torch
 from tunesmith.errors import TunesmithError
 from tunesmith.infer.batched_lora import BatchedLora
 from tunesmith.infer.batching import GenerationRequest, Scheduler
+from tunesmith.infer.decode_linear import use_fastest_decode_linears
 from tunesmith.infer.resolve import ModelSource, locate
 from tunesmith.infer.streaming import DeltaStreamer, cut_at_stop
 from tunesmith.infer.types import Completion, GenerationSettings
@@ -162,6 +163,7 @@ class Engine:
         if key not in self._bases:
             model = load_causal_lm(folder, device=self.device, dtype=self.dtype)
             model.eval()
+            use_fastest_decode_linears(model)
             self._bases[key] = _LoadedBase(path=folder, model=model)
         return self._bases[key]
 

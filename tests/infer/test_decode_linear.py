@@ -1,0 +1,82 @@
+"""Decode linears: the weight-first product gives F.linear's values, and only decode steps take it."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tunesmith.infer.decode_linear import CALIBRATED_ROWS, use_fastest_decode_linears, weight_first
+from tunesmith.models.loading import load_causal_lm
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_weight_first_equals_f_linear(rows):
+    torch.manual_seed(0)
+    weight, bias, x = torch.randn(96, 64), torch.randn(96), torch.randn(rows, 64)
+    out = weight_first(x, weight, bias)
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(weight_first(x, weight, None), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+
+
+def _always(weights, rows):
+    return True
+
+
+@pytest.fixture()
+def models(tiny_model_path):
+    """(plain, routed): the tiny model twice, the second with every decode linear forced weight-first."""
+    plain = load_causal_lm(tiny_model_path, device=torch.device("cpu"), dtype=torch.float32).eval()
+    routed = load_causal_lm(tiny_model_path, device=torch.device("cpu"), dtype=torch.float32).eval()
+    chosen = use_fastest_decode_linears(routed, wins=_always)
+    assert chosen and all(rows == CALIBRATED_ROWS for rows in chosen.values())
+    return plain, routed
+
+
+def test_batched_greedy_decoding_matches_the_plain_model(models):
+    plain, routed = models
+    ids = torch.randint(10, 1000, (4, 7), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
+        expected = plain.generate(ids, **kwargs)
+        torch.testing.assert_close(routed(ids[:, -1:]).logits, plain(ids[:, -1:]).logits, rtol=1e-4, atol=1e-5)
+        assert torch.equal(routed.generate(ids, **kwargs), expected)
+
+
+def test_prefill_and_gradients_keep_f_linear(models):
+    _, routed = models
+    layer = routed.lm_head
+    assert isinstance(layer.forward, functools.partial)
+    many = torch.randn(CALIBRATED_ROWS[-1] + 1, layer.in_features)  # more rows than a decode step
+    with torch.inference_mode():
+        assert torch.equal(layer(many), F.linear(many, layer.weight))
+    few = torch.randn(2, layer.in_features, requires_grad=True)  # grad on: training, never the decode path
+    assert torch.equal(layer(few), F.linear(few, layer.weight))
+    layer(few).sum().backward()
+    assert few.grad is not None
+
+
+def test_calibration_times_every_linear_shape_but_peft_matrices(tiny_model_path):
+    from peft import LoraConfig, get_peft_model
+
+    model = load_causal_lm(tiny_model_path, device=torch.device("cpu"), dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"])).eval()
+    seen = []
+
+    def record(weights, rows):
+        seen.append((tuple(weights[0].shape), rows))
+        return rows == 2
+
+    chosen = use_fastest_decode_linears(model, wins=record)
+    shapes = {tuple(m.weight.shape) for n, m in model.named_modules()
+              if type(m) is torch.nn.Linear and ".lora_" not in n}
+    assert set(chosen) == shapes and all(rows == (2,) for rows in chosen.values())
+    assert sorted(seen) == sorted((shape, rows) for shape in shapes for rows in CALIBRATED_ROWS)
+    # the timed calibration itself returns a choice for every shape
+    plain = load_causal_lm(tiny_model_path, device=torch.device("cpu"), dtype=torch.float32).eval()
+    timed = use_fastest_decode_linears(plain)
+    assert set(timed) == {tuple(m.weight.shape) for m in plain.modules() if type(m) is torch.nn.Linear}
+    assert all(set(rows) <= set(CALIBRATED_ROWS) for rows in timed.values())
