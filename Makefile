@@ -27,6 +27,7 @@ bench: $(VENV)/.installed-bench
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/data_throughput.py
 	$(BIN)/python bench/serve_throughput.py
+	$(BIN)/python bench/decode_step.py
 	$(BIN)/python bench/service_load.py
 
 install: $(VENV)/.installed

@@ -1,4 +1,4 @@
-"""Decode linears: the weight-first product gives F.linear's values, and only decode steps take it."""
+"""Decode linears: the split product gives F.linear's values, and only decode steps take it."""
 
 from __future__ import annotations
 
@@ -8,30 +8,36 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tunesmith.infer.decode_linear import CALIBRATED_ROWS, use_fastest_decode_linears, weight_first
+from tunesmith.infer.decode_linear import CALIBRATED_ROWS, split_linear, use_fastest_decode_linears
 from tunesmith.models.loading import load_causal_lm
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8])
-def test_weight_first_equals_f_linear(rows):
+@pytest.mark.parametrize("blocks", [2, 4])
+def test_split_linear_equals_f_linear(rows, blocks):
     torch.manual_seed(0)
     weight, bias, x = torch.randn(96, 64), torch.randn(96), torch.randn(rows, 64)
-    out = weight_first(x, weight, bias)
+    out = split_linear(x, weight, bias, blocks)
     assert out.is_contiguous()
     torch.testing.assert_close(out, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(weight_first(x, weight, None), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(split_linear(x, weight, None, blocks), F.linear(x, weight), rtol=1e-5, atol=1e-5)
 
 
-def _always(weights, rows):
+def _always(weights, rows, blocks):
     return True
 
 
 @pytest.fixture()
 def models(tiny_model_path):
-    """(plain, routed): the tiny model twice, the second with every decode linear forced weight-first."""
+    """(plain, routed): the tiny model twice, the second with every decode linear forced to the split form."""
     plain = load_causal_lm(tiny_model_path, device=torch.device("cpu"), dtype=torch.float32).eval()
     routed = load_causal_lm(tiny_model_path, device=torch.device("cpu"), dtype=torch.float32).eval()
-    chosen = use_fastest_decode_linears(routed, wins=_always)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # two row blocks, whatever the machine's threads
+    try:
+        chosen = use_fastest_decode_linears(routed, wins=_always)
+    finally:
+        torch.set_num_threads(threads)
     assert chosen and all(rows == CALIBRATED_ROWS for rows in chosen.values())
     return plain, routed
 
@@ -66,11 +72,16 @@ def test_calibration_times_every_linear_shape_but_peft_matrices(tiny_model_path)
     model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"])).eval()
     seen = []
 
-    def record(weights, rows):
+    def record(weights, rows, blocks):
         seen.append((tuple(weights[0].shape), rows))
         return rows == 2
 
-    chosen = use_fastest_decode_linears(model, wins=record)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        chosen = use_fastest_decode_linears(model, wins=record)
+    finally:
+        torch.set_num_threads(threads)
     shapes = {tuple(m.weight.shape) for n, m in model.named_modules()
               if type(m) is torch.nn.Linear and ".lora_" not in n}
     assert set(chosen) == shapes and all(rows == (2,) for rows in chosen.values())
