@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import pytest
@@ -27,17 +28,24 @@ def _always(weights, rows, blocks):
     return True
 
 
+@contextlib.contextmanager
+def _two_threads():
+    """Two torch threads (two row blocks), whatever the machine's count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture()
 def models(tiny_model_path):
     """(plain, routed): the tiny model twice, the second with every decode linear forced to the split form."""
     plain = load_causal_lm(tiny_model_path, device=torch.device("cpu"), dtype=torch.float32).eval()
     routed = load_causal_lm(tiny_model_path, device=torch.device("cpu"), dtype=torch.float32).eval()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # two row blocks, whatever the machine's threads
-    try:
+    with _two_threads():
         chosen = use_fastest_decode_linears(routed, wins=_always)
-    finally:
-        torch.set_num_threads(threads)
     assert chosen and all(rows == CALIBRATED_ROWS for rows in chosen.values())
     return plain, routed
 
@@ -76,12 +84,8 @@ def test_calibration_times_every_linear_shape_but_peft_matrices(tiny_model_path)
         seen.append((tuple(weights[0].shape), rows))
         return rows == 2
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with _two_threads():
         chosen = use_fastest_decode_linears(model, wins=record)
-    finally:
-        torch.set_num_threads(threads)
     shapes = {tuple(m.weight.shape) for n, m in model.named_modules()
               if type(m) is torch.nn.Linear and ".lora_" not in n}
     assert set(chosen) == shapes and all(rows == (2,) for rows in chosen.values())

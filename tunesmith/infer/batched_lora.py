@@ -44,7 +44,8 @@ class BatchedLora:
         self._tuner_layers: list = []
         self._rows: torch.Tensor | None = None
         self._span: tuple[int, int] = (0, 0)
-        self._masks: dict[int, torch.Tensor] | None = {}
+        self._one_slot = False  # every row uses the same adapter: nothing to mask
+        self._masks: dict[int, torch.Tensor] = {}
 
     def rebuild(self, model: torch.nn.Module) -> None:
         """Restack every attached adapter's weights (after one was attached or removed).
@@ -82,11 +83,12 @@ class BatchedLora:
         used = [slot for slot in slots if slot]
         self._rows = torch.tensor(slots, dtype=torch.long, device=device) if used else None
         self._span = (min(used), max(used) + 1) if used else (0, 0)
-        self._masks = {} if len(used) < len(slots) or len(set(used)) > 1 else None  # None: no row to mask
+        self._one_slot = len(used) == len(slots) and len(set(used)) == 1
+        self._masks = {}
         try:
             yield
         finally:
-            self._rows, self._span, self._masks = None, (0, 0), {}
+            self._rows, self._span, self._one_slot, self._masks = None, (0, 0), False, {}
 
     @contextlib.contextmanager
     def peft_adapter(self, model: torch.nn.Module, adapter: str) -> Iterator[None]:
@@ -133,7 +135,7 @@ class BatchedLora:
 
     def _span_mask(self, rows: torch.Tensor, rank: int, dtype: torch.dtype) -> torch.Tensor | None:
         """[rows, span * rank]: ones over each row's own slot within the span; None when all rows share one."""
-        if self._masks is None:
+        if self._one_slot:
             return None
         mask = self._masks.get(rank)
         if mask is None:
