@@ -122,13 +122,23 @@ def test_requests_joining_mid_batch_match_generate(engine, tiny_model_path, refe
     _wait(lambda: scheduler.active_rows == 0)
 
 
-def test_two_adapters_and_the_base_in_one_batch_match_peft(engine, tiny_model_path, tiny_adapters, reference):
+def test_two_adapters_and_the_base_in_one_batch_match_peft(engine, tiny_model_path, tiny_adapters, reference,
+                                                          monkeypatch):
     refs = [str(tiny_model_path), str(tiny_adapters["a"]), str(tiny_adapters["b"]), str(tiny_adapters["a"])]
     handles = [engine.resolve(ref) for ref in refs]
     settings = GenerationSettings(max_tokens=8)
     assert len({id(engine._scheduler(h)) for h in handles}) == 1  # one batch for the base and both adapters
+    lora = engine._bases[handles[0].base_key].lora
+    batches = []  # the rows' adapters of every forward pass
+    monkeypatch.setattr(lora, "rows", lambda adapters, device, rows=lora.rows: batches.append(adapters)
+                        or rows(adapters, device))
     done = run_together(engine, [(ref, lambda h=h, p=p: engine.chat(h, p, settings))
                                  for ref, h, p in zip(refs, handles, PROMPTS)])
+    # the rows joined as base, a, b, a and decode side by side by adapter, in slot order, the base last
+    steps = [adapters for adapters in batches if len(adapters) == len(refs)]
+    assert steps and all(adapters == steps[0] for adapters in steps)
+    assert steps[0] == sorted([h.adapter_name for h in handles], key=lora.row_order)
+    assert steps[0][-1] is None and steps[0][0] == steps[0][1] == handles[1].adapter_name
     answers = []
     for ref, handle, messages, completion in zip(refs, handles, PROMPTS, done):
         adapter = None if ref == str(tiny_model_path) else Path(ref)

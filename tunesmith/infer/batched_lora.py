@@ -6,14 +6,17 @@ per layer instead of one, which on a CPU costs 30-50% of the throughput. Here,
 as in punica/LoRAX (SGMV), the adapters' weights of each layer are stacked once
 into ``A: [slots, in, r_max]`` and ``B: [slots, r_max, out]`` (slot 0 is zeros:
 the plain base; smaller ranks are padded with zeros; the scaling is folded into
-B), and each row's delta is ``bmm(bmm(x, A[slot]), B[slot])`` gathered by the
-row's slot: the same ops per layer for one adapter or eight. A decode step
-reads the stacked weights in place instead, when that reads less than a gather
-copies: ``x @ A_span`` over the slots from the lowest to the highest one its rows
-use (side by side in the stack, so a view), zeroed outside each row's own slot,
-``@ B_span`` (two matmuls, no copies; 40% less time per layer than the gather for
-8 rows and 8 adapters). A decode step costs about what it reads, so only the used span
-is read: 8 rows of one adapter read that adapter's weights alone, not all eight.
+B). A forward pass lines its rows up by adapter, one group per slot (padded with
+zero rows to the largest group), and computes every row's delta in two ``bmm``
+calls, ``bmm(bmm(x_groups, A[slots]), B[slots])``: the same ops per layer for one
+adapter or eight, each adapter's weights read once, by the rows that use it.
+The slots are a view of the stacks when the used ones lie close together (a copy
+only when they are scattered), and the rows need no reordering when they already
+come grouped (8 rows of one adapter). On the CPU measured, this reads 8 adapters'
+weights at about 20 GB/s, against 7 GB/s for one matmul of all rows by all the
+used slots side by side (masked to each row's own): a ``bmm`` of one row per
+adapter runs a matrix-vector product per thread, while a matmul of 8 rows by a
+narrow matrix runs BLAS's small-matrix path.
 
 peft's own layers stay attached with their adapters disabled; each plain LoRA
 layer's forward is replaced by one that runs its base layer and adds the batched
@@ -42,10 +45,7 @@ class BatchedLora:
         self._routed: list = []
         self._peft_lane = False
         self._tuner_layers: list = []
-        self._rows: torch.Tensor | None = None
-        self._span: tuple[int, int] = (0, 0)
-        self._one_slot = False  # every row uses the same adapter: nothing to mask
-        self._masks: dict[int, torch.Tensor] = {}
+        self._groups: _Groups | None = None  # the rows of the forward pass in flight, by adapter
 
     def rebuild(self, model: torch.nn.Module) -> None:
         """Restack every attached adapter's weights (after one was attached or removed).
@@ -76,19 +76,18 @@ class BatchedLora:
         """Whether rows of ``adapter`` (None: the base) can run in the mixed batch."""
         return adapter is None or adapter in self.slots
 
+    def row_order(self, adapter: str | None) -> int:
+        """Where rows of ``adapter`` best sit in a batch: by slot, base rows last (then no layer reorders them)."""
+        return len(self.slots) + 1 if adapter is None else self.slots.get(adapter, 0)
+
     @contextlib.contextmanager
     def rows(self, adapters: list[str | None], device: torch.device) -> Iterator[None]:
         """Within: the forward pass applies each row's adapter (None: the base)."""
-        slots = [0 if name is None else self.slots[name] for name in adapters]
-        used = [slot for slot in slots if slot]
-        self._rows = torch.tensor(slots, dtype=torch.long, device=device) if used else None
-        self._span = (min(used), max(used) + 1) if used else (0, 0)
-        self._one_slot = len(used) == len(slots) and len(set(used)) == 1
-        self._masks = {}
+        self._groups = _Groups.of([0 if name is None else self.slots[name] for name in adapters], device)
         try:
             yield
         finally:
-            self._rows, self._span, self._one_slot, self._masks = None, (0, 0), False, {}
+            self._groups = None
 
     @contextlib.contextmanager
     def peft_adapter(self, model: torch.nn.Module, adapter: str) -> Iterator[None]:
@@ -120,56 +119,77 @@ class BatchedLora:
         return forward
 
     def _stack(self, layer, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's ``A: [in, slots, r_max]`` and ``B: [slots, r_max, out]`` (scaled; slot 0 and padding zero)."""
+        """The layer's ``A: [slots, in, r_max]`` and ``B: [slots, r_max, out]`` (scaled; slot 0 and padding zero)."""
         base = layer.get_base_layer()
         held = [n for n in names if n in layer.lora_A]
         rank = max(layer.lora_A[n].weight.shape[0] for n in held)
         weight = base.weight
-        a = torch.zeros(base.in_features, len(names) + 1, rank, dtype=weight.dtype, device=weight.device)
+        a = torch.zeros(len(names) + 1, base.in_features, rank, dtype=weight.dtype, device=weight.device)
         b = torch.zeros(len(names) + 1, rank, base.out_features, dtype=weight.dtype, device=weight.device)
         for name in held:
             slot, r = self.slots[name], layer.lora_A[name].weight.shape[0]
-            a[:, slot, :r] = layer.lora_A[name].weight.detach().T
+            a[slot, :, :r] = layer.lora_A[name].weight.detach().T
             b[slot, :r, :] = layer.lora_B[name].weight.detach().T * layer.scaling[name]
         return a, b
 
-    def _span_mask(self, rows: torch.Tensor, rank: int, dtype: torch.dtype) -> torch.Tensor | None:
-        """[rows, span * rank]: ones over each row's own slot within the span; None when all rows share one."""
-        if self._one_slot:
-            return None
-        mask = self._masks.get(rank)
-        if mask is None:
-            low, high = self._span
-            # one block more than the span: base rows (slot 0) mark it, and it is cut off
-            mask = torch.zeros(rows.shape[0], high - low + 1, rank, dtype=dtype, device=rows.device)
-            mask[torch.arange(rows.shape[0], device=rows.device), torch.where(rows > 0, rows - low, -1)] = 1
-            mask = self._masks[rank] = mask[:, :-1].reshape(rows.shape[0], (high - low) * rank)
-        return mask
-
     def _add_adapters(self, a: torch.Tensor, b: torch.Tensor):
         """``add_adapters(x, output)``: a layer's base ``output`` on ``x`` plus each row's delta from the stacks."""
-        size_in, slots, rank = a.shape
-        a_all, b_all = a.reshape(size_in, slots * rank), b.reshape(slots * rank, -1)
 
         def add_adapters(x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-            rows = self._rows
-            if rows is None:
+            groups = self._groups
+            if groups is None:
                 return output
-            flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype)
-            out = output.view(flat.shape[0], flat.shape[1], -1)
-            low, high = self._span
-            # a gather writes, then reads again, rows x rank x (in + out) weights; the span is read once
-            if flat.shape[1] == 1 and high - low <= 3 * rows.shape[0]:
-                down = flat[:, 0] @ a_all[:, low * rank:high * rank]
-                mask = self._span_mask(rows, rank, a.dtype)
-                if mask is not None:
-                    down.mul_(mask)
-                out[:, 0].addmm_(down, b_all[low * rank:high * rank])
-                return output
-            down = torch.bmm(flat, a.index_select(1, rows).transpose(0, 1))
-            return torch.baddbmm(out, down, b.index_select(0, rows)).view_as(output)
+            flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype)  # [rows, tokens, in]
+            rows, tokens, size_in = flat.shape
+            out = output.view(rows, tokens, -1)
+            if groups.take is None:  # lined up already: the leading rows (base rows follow)
+                flat = flat[:groups.lined]
+            else:  # line the rows up by adapter; padding takes the zero row after the last
+                flat = torch.cat([flat, flat.new_zeros(1, tokens, size_in)]).index_select(0, groups.take)
+            lined = flat.view(-1, groups.size * tokens, size_in)
+            down = torch.bmm(lined, groups.select(a))
+            if groups.take is None:
+                out[:groups.lined].view(-1, groups.size * tokens, out.shape[-1]).baddbmm_(down, groups.select(b))
+            else:  # padding rows add their zero delta to row 0
+                delta = torch.bmm(down, groups.select(b)).view(-1, tokens, out.shape[-1])
+                out.index_add_(0, groups.put, delta)
+            return output
 
         return add_adapters
+
+
+class _Groups:
+    """A forward pass's rows lined up by adapter: one group of ``size`` rows per slot, in slot order.
+
+    ``take`` (None: the first ``lined`` rows as they come) lists the row of each place in the groups,
+    ``len(rows)`` for padding (a zero row); ``put`` is where each place's delta goes
+    (padding adds its zero delta to row 0). Base rows (slot 0) are in no group.
+    """
+
+    SPAN_READ = 2  # view the stacks over the span of used slots while it holds at most this many times the used ones
+
+    def __init__(self, slots: list[int], used: list[int], device: torch.device) -> None:
+        low, high = used[0], used[-1] + 1
+        groups = list(range(low, high)) if high - low <= self.SPAN_READ * len(used) else used
+        members = {slot: [row for row, s in enumerate(slots) if s == slot] for slot in groups}
+        self.size = max(len(rows) for rows in members.values())
+        places = [rows + [len(slots)] * (self.size - len(rows)) for rows in members.values()]
+        take = [row for rows in places for row in rows]
+        self._view = slice(low, high) if len(groups) == high - low else None
+        self._index = None if self._view else torch.tensor(groups, dtype=torch.long, device=device)
+        self.lined = len(take)
+        self.take = None if take == list(range(len(take))) else torch.tensor(take, dtype=torch.long, device=device)
+        self.put = None if self.take is None else torch.where(self.take < len(slots), self.take, 0)
+
+    @classmethod
+    def of(cls, slots: list[int], device: torch.device) -> "_Groups | None":
+        """The groups of rows with these slots (0: the base); None when no row has an adapter."""
+        used = sorted({slot for slot in slots if slot})
+        return cls(slots, used, device) if used else None
+
+    def select(self, stack: torch.Tensor) -> torch.Tensor:
+        """The groups' slots of a layer's stack: a view over the span, or a copy of the scattered used slots."""
+        return stack[self._view] if self._view is not None else stack.index_select(0, self._index)
 
 
 def _is_plain_lora(name: str, config, tuner_layers: list, lora_linear: type) -> bool:

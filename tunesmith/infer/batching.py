@@ -18,7 +18,10 @@ one so that no padded query ever runs (a fully masked attention row is NaN) and
 each row's numbers are those of ``generate`` on that prompt alone.
 
 Each row decodes with its own settings: greedy, or temperature/top_p sampling
-(with its own ``torch.Generator`` when it has a seed).
+(with its own ``torch.Generator`` when it has a seed). Rows can be kept in an
+order of the caller's (``row_order``): the engine keeps the rows of one adapter
+side by side, in the order of the stacked adapters, so that batched LoRA takes
+them as they are instead of lining them up again in every layer of every step.
 """
 
 from __future__ import annotations
@@ -129,11 +132,14 @@ class Scheduler:
         device: where the model lives.
         name: the thread's name.
         max_rows: the most rows decoded together.
+        row_order: ``row_order(adapter) -> key``: rows that join are sorted by it (stable);
+            None keeps the order of arrival.
     """
 
     def __init__(self, forward: Callable, device: torch.device, name: str = "tunesmith-batch",
-                 max_rows: int = MAX_ROWS):
+                 max_rows: int = MAX_ROWS, row_order: Callable[[str | None], int] | None = None):
         self._forward = forward
+        self._row_order = row_order
         self.device = device
         self.max_rows = max_rows
         self._pending: collections.deque[GenerationRequest] = collections.deque()
@@ -272,6 +278,11 @@ class Scheduler:
                 layers[0].values = torch.cat([_pad_left(layer.values, width, -2) for layer in layers])
         self._cache = caches[0]
         self._mask = torch.cat([_pad_left(m, width, 1) for m in masks])
+        if self._row_order is not None:
+            keys = [self._row_order(row.request.adapter) for row in self._rows]
+            order = sorted(range(len(keys)), key=keys.__getitem__)
+            if order != list(range(len(keys))):
+                self._select(order)
 
     def _step_all(self) -> None:
         """One decode step for every active row; rows that finish leave the batch."""
@@ -308,16 +319,20 @@ class Scheduler:
         if not keep:
             self._rows, self._cache, self._mask = [], None, None
             return
-        self._rows = [self._rows[i] for i in keep]
-        index = torch.tensor(keep, dtype=torch.long, device=self.device)
-        self._cache.batch_select_indices(index)
-        self._mask = self._mask.index_select(0, index)
+        self._select(keep)
         start = int(self._mask.any(dim=0).nonzero()[0])
         if start > 0:
             self._mask = self._mask[:, start:]
             for layer in self._cache.layers:
                 layer.keys = layer.keys[:, :, start:]
                 layer.values = layer.values[:, :, start:]
+
+    def _select(self, rows: list[int]) -> None:
+        """Keep the rows at ``rows``, in that order, with their cache and mask."""
+        self._rows = [self._rows[i] for i in rows]
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        self._cache.batch_select_indices(index)
+        self._mask = self._mask.index_select(0, index)
 
 
 def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:

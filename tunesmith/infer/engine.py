@@ -335,7 +335,8 @@ class Engine:
             scheduler = base.schedulers.get(lane)
             if scheduler is None:
                 scheduler = Scheduler(_forward_pass(base, lane), self.device,
-                                      name=f"tunesmith-batch-{base.path.name}" + (f"-{lane}" if lane else ""))
+                                      name=f"tunesmith-batch-{base.path.name}" + (f"-{lane}" if lane else ""),
+                                      row_order=base.lora.row_order if lane is None else None)
                 base.schedulers[lane] = scheduler
             return scheduler
 
