@@ -172,13 +172,14 @@ class _Groups:
 
     def __init__(self, slots: list[int], used: list[int], device: torch.device) -> None:
         low, high = used[0], used[-1] + 1
-        groups = list(range(low, high)) if high - low <= self.SPAN_READ * len(used) else used
+        scattered = high - low > self.SPAN_READ * len(used)
+        groups = used if scattered else list(range(low, high))  # a viewed span's unused slots get padding only
         members = {slot: [row for row, s in enumerate(slots) if s == slot] for slot in groups}
         self.size = max(len(rows) for rows in members.values())
         places = [rows + [len(slots)] * (self.size - len(rows)) for rows in members.values()]
         take = [row for rows in places for row in rows]
-        self._view = slice(low, high) if len(groups) == high - low else None
-        self._index = None if self._view else torch.tensor(groups, dtype=torch.long, device=device)
+        self._view = None if scattered else slice(low, high)
+        self._index = torch.tensor(used, dtype=torch.long, device=device) if scattered else None
         self.lined = len(take)
         self.take = None if take == list(range(len(take))) else torch.tensor(take, dtype=torch.long, device=device)
         self.put = None if self.take is None else torch.where(self.take < len(slots), self.take, 0)
