@@ -53,6 +53,8 @@ def test_every_grouping_gives_peft_mixed_batch_logits(models, adapters, tokens):
     ids = torch.randint(0, 1000, (len(adapters), tokens))
     with torch.inference_mode():
         expected = reference(input_ids=ids, adapter_names=[a or "__base__" for a in adapters]).logits
+        with lora.rows(adapters[1:] + adapters[:1], ids.device):  # the same row count, another grouping, first
+            model(input_ids=ids)
         with lora.rows(adapters, ids.device):
             got = model(input_ids=ids).logits
         plain = model(input_ids=ids).logits  # outside rows(): the base model
