@@ -73,6 +73,26 @@ def test_prefill_and_gradients_keep_f_linear(models):
     assert few.grad is not None
 
 
+def test_a_row_count_takes_the_form_calibrated_for_the_next_count_up(tiny_model_path, monkeypatch):
+    from tunesmith.infer import decode_linear
+
+    model = load_causal_lm(tiny_model_path, device=torch.device("cpu"), dtype=torch.float32).eval()
+    with _two_threads():
+        use_fastest_decode_linears(model, wins=lambda weights, rows, blocks: rows == 4)
+    split_calls = []
+    monkeypatch.setattr(decode_linear, "split_linear",
+                        lambda *args, real=decode_linear.split_linear: split_calls.append(1) or real(*args))
+    layer = model.lm_head
+    taken = {}
+    with torch.inference_mode():
+        for rows in (1, 2, 3, 4, 5, 8):
+            x = torch.randn(rows, 1, layer.in_features)
+            before = len(split_calls)
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight), rtol=1e-5, atol=1e-5)
+            taken[rows] = len(split_calls) > before
+    assert taken == {1: False, 2: False, 3: True, 4: True, 5: False, 8: False}
+
+
 def test_calibration_times_every_linear_shape_but_peft_matrices(tiny_model_path):
     from peft import LoraConfig, get_peft_model
 
